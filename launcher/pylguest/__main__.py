@@ -1,0 +1,5 @@
+import sys
+
+from pylguest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""The lguest device bus, host side: the device page, kicks, status, interrupts.
+
+The launcher puts the device page just above the guest's RAM (at max_pfn <<
+12) and the vrings in the pages after it.  Then it listens:
+
+  * LHCALL_NOTIFY(descriptor address): the guest wrote that device's status
+    byte (the seed notifies on every status write).  0 resets the device;
+    DRIVER_OK starts it; FAILED is reported, and resets it.
+  * LHCALL_NOTIFY(vring address): a kick.  These never reach this file's
+    vCPU-side code: each queue has an ioeventfd on the hypercall page that
+    matches the 8-byte store of exactly that address, so KVM completes the
+    store in the kernel and wakes that queue's worker thread.
+  * An interrupt goes back through an irqfd per device: the worker writes
+    to an eventfd and KVM raises the device's IRQ line.
+
+So the path of one request is: guest fills its ring, stores the vring's
+address to the hypercall page -> KVM matches the ioeventfd -> the worker
+thread wakes (virtio/device.py) -> the device pops the chain, does the I/O,
+pushes it to the used ring -> irqfd -> the guest's interrupt handler reads
+the used ring.  No exit to userspace on the way.
+"""
+
+import os
+
+from pylguest import device_page, layout
+from pylguest.device_page import VqConfig
+from pylguest.memory import PAGE_SIZE
+from pylguest.virtio.device import STATUS_DRIVER_OK, STATUS_FAILED, QueueWorker
+from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+                                   Virtqueue, VirtqueueError, vring_size)
+
+# Legacy ISA lines nobody else uses (design.md section 5): COM1 has 4, the
+# PIT 0, the cascade 2, the RTC 8, the FPU 13.
+IRQ_POOL = (5, 9, 10, 11, 12, 14, 15, 6, 7)
+
+STATUS_NAMES = ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (0x80, "FAILED"))
+
+
+def status_text(status):
+    if status == 0:
+        return "0 (reset)"
+    names = [name for bit, name in STATUS_NAMES if status & bit]
+    return f"0x{status:02x} ({'|'.join(names) or 'unknown bits'})"
+
+
+def ring_pages(num):
+    return -(-vring_size(num) // PAGE_SIZE)
+
+
+class BusDevice:
+    """A device on the bus: the device, its slot on the page, its eventfds."""
+
+    def __init__(self, device, slot):
+        self.device = device
+        self.slot = slot
+        self.active = False
+        self.kick_fds = []
+        self.workers = []
+        self.irq_fd = -1
+
+
+class LguestBus:
+    def __init__(self, devices):
+        self.devices = list(devices)
+        self.area_size = PAGE_SIZE + sum(
+            ring_pages(num) * PAGE_SIZE for d in self.devices for num in d.queue_sizes)
+        self.entries = []
+
+    # -- setting up -------------------------------------------------------------
+
+    def _plan(self, ram_top):
+        """Where every vring goes, and which IRQ each device gets."""
+        next_pfn = (ram_top + PAGE_SIZE) >> 12
+        shapes = []
+        for i, device in enumerate(self.devices):
+            irq = IRQ_POOL[i % len(IRQ_POOL)]
+            vqs = []
+            for num in device.queue_sizes:
+                vqs.append(VqConfig(num, irq, next_pfn))
+                next_pfn += ring_pages(num)
+            shapes.append((device.type, vqs, device.host_features(), len(device.config_space())))
+        return device_page.layout_slots(shapes)
+
+    def install(self, machine):
+        """Write the page and wire every device to KVM and to the machine."""
+        self.memory = machine.memory
+        self.ram_top = machine.ram_top
+        self.report = machine.report_guest_error
+        tracer = machine.tracer
+        self.trace = tracer.line if tracer else None
+        page = self.memory.view(self.ram_top, PAGE_SIZE)
+        page[:] = 0
+        for device, slot in zip(self.devices, self._plan(self.ram_top)):
+            entry = BusDevice(device, slot)
+            self.entries.append(entry)
+            self.memory.write(self.ram_top + slot.offset, device_page.encode(slot, device.config_space()))
+            self._wire(machine, entry)
+        for entry in self.entries:
+            for worker in entry.workers:
+                worker.start()
+
+    def _wire(self, machine, entry):
+        device, slot = entry.device, entry.slot
+        device.report = self.report
+        device.trace = self.trace
+        device.memory = self.memory
+        entry.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        machine.vm.irqfd(entry.irq_fd, slot.vqs[0].irq if slot.vqs else IRQ_POOL[0])
+        device.interrupt = lambda fd=entry.irq_fd: os.eventfd_write(fd, 1)
+        status_addr = self.ram_top + slot.offset
+        target = lambda addr, e=entry: self.status_changed(e)
+        target.trace_name = f"{device.name} status"
+        machine.hypercalls.notify_targets[status_addr] = target
+        for index, vq in enumerate(slot.vqs):
+            kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            machine.vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
+            entry.kick_fds.append(kick_fd)
+            entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
+                                             on_kick=lambda i, e=entry: self.kicked(e, i)))
+
+    # -- what the guest does -------------------------------------------------------
+
+    def status_changed(self, entry):
+        device = entry.device
+        status = self.memory.read_int(self.ram_top + entry.slot.status_offset, 1)
+        if self.trace:
+            self.trace(f"status {device.name}: {status_text(status)}")
+        with device.lock:
+            if status == 0:
+                self._reset(entry)
+            elif status & STATUS_FAILED:
+                self.report(f"{device.name}: the guest's driver set FAILED; resetting the device")
+                self._reset(entry)
+            elif status & STATUS_DRIVER_OK and not entry.active:
+                self._activate(entry)
+        return None
+
+    def kicked(self, entry, index):
+        """A kick on a device not yet started starts it: Linux reads the
+        partition table before it sets DRIVER_OK."""
+        with entry.device.lock:
+            if not entry.active and not entry.device.broken:
+                self._activate(entry)
+
+    def _guest_features(self, entry):
+        offset = self.ram_top + entry.slot.guest_features_offset
+        return self.memory.read_int(offset, device_page.FEATURE_LEN)
+
+    def _activate(self, entry):
+        device, slot = entry.device, entry.slot
+        features = self._guest_features(entry)
+        unoffered = features & ~slot.host_features
+        if unoffered:
+            device.mark_broken(f"{device.name}: the guest accepted features 0x{unoffered:x} "
+                               "that were never offered")
+            return
+        try:
+            queues = [Virtqueue(self.memory, device.queue_label(i), vq.num, vq.pfn,
+                                event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
+                                indirect=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1))
+                      for i, vq in enumerate(slot.vqs)]
+        except VirtqueueError as e:
+            device.mark_broken(str(e))
+            return
+        device.activate(queues, features)
+        entry.active = True
+        if self.trace:
+            self.trace(f"start  {device.name}: features 0x{features:x}")
+
+    def _reset(self, entry):
+        entry.device.reset()
+        entry.device.broken = None
+        entry.active = False
+        offset = self.ram_top + entry.slot.guest_features_offset
+        self.memory.write(offset, bytes(device_page.FEATURE_LEN))
+
+    def close(self):
+        for entry in self.entries:
+            for worker in entry.workers:
+                worker.stop()
+            entry.device.close()
+            for fd in entry.kick_fds + [entry.irq_fd]:
+                if fd >= 0:
+                    os.close(fd)

@@ -1,0 +1,77 @@
+"""From command-line device options to devices.
+
+    --block PATH[,ro]          repeatable: block0, block1, ...
+    --net tap:NAME[,mac=MAC]   repeatable: net0, net1, ...
+    --rng                      rng0
+    --console stdio|socket:PATH   a virtio console (console0)
+
+Every mistake here is the user's, so it is a UsageError (one line, exit 2).
+"""
+
+from pylguest.devices.block import BlockDevice
+from pylguest.devices.console import ConsoleDevice
+from pylguest.devices.net import NetDevice, parse_mac
+from pylguest.devices.rng import RngDevice
+from pylguest.devices.socket_backend import SocketConsole
+from pylguest.errors import UsageError
+
+
+def parse_block(spec):
+    path, *flags = spec.split(",")
+    unknown = [f for f in flags if f != "ro"]
+    if not path or unknown:
+        raise UsageError(f"bad --block {spec!r}: use PATH or PATH,ro")
+    return path, "ro" in flags
+
+
+def parse_net(spec, index):
+    kind, _, rest = spec.partition(":")
+    if kind != "tap" or not rest:
+        raise UsageError(f"bad --net {spec!r}: use tap:NAME[,mac=52:54:00:12:34:56]")
+    name, *options = rest.split(",")
+    mac = bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
+    for option in options:
+        key, _, value = option.partition("=")
+        if key != "mac":
+            raise UsageError(f"bad --net option {option!r}: only mac=... is known")
+        mac = parse_mac(value)
+    return name, mac
+
+
+def parse_console(spec):
+    if spec == "stdio":
+        return None
+    kind, _, path = spec.partition(":")
+    if kind != "socket" or not path:
+        raise UsageError(f"bad --console {spec!r}: use stdio or socket:PATH")
+    return path
+
+
+def create_devices(config, console_output):
+    """The devices `config` asks for, in bus order, and the socket console
+    backend (or None).  On error, whatever was opened is closed again."""
+    devices, socket_console = [], None
+    try:
+        if config.console:
+            path = parse_console(config.console)
+            if path:
+                socket_console = SocketConsole(path)
+                output = socket_console.write
+            else:
+                output = console_output.write
+            devices.append(ConsoleDevice("console0", output))
+        for i, spec in enumerate(config.block):
+            path, read_only = parse_block(spec)
+            devices.append(BlockDevice(f"block{i}", path, read_only))
+        for i, spec in enumerate(config.net):
+            name, mac = parse_net(spec, i)
+            devices.append(NetDevice(f"net{i}", name, mac))
+        if config.rng:
+            devices.append(RngDevice("rng0"))
+    except Exception:
+        for device in devices:
+            device.close()
+        if socket_console:
+            socket_console.close()
+        raise
+    return devices, socket_console

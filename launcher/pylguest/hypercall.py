@@ -1,0 +1,87 @@
+"""The hypercall page: how a guest calls the launcher (design.md section 4).
+
+lguest guests made hypercalls with a trapping instruction; under KVM a
+`vmcall` never reaches userspace, so here a hypercall is an 8-byte store to
+a page of guest-physical space with no memory behind it (0xFEB00000).  The
+store exits to us as KVM_EXIT_MMIO, and the offset says which call:
+
+    0x00  LHCALL_NOTIFY(addr)     "look at this address"
+    0x08  LHCALL_SHUTDOWN(value)  bits 0-7 exit status; bit 8: reboot
+
+LHCALL_NOTIFY means what it meant to the seed driver and the lguest
+launcher: the address of a device descriptor (a status change) or of a
+vring (a kick) goes to the device bus, which registers those addresses in
+`notify_targets`; vring kicks normally never get here at all, since each
+has an ioeventfd that the kernel completes without exiting.  Any other
+address below the top of RAM is an early-console string.  Anything else is
+a guest error: reported, and the guest goes on.
+"""
+
+import struct
+
+from pylguest import layout, stop
+
+LHCALL_NOTIFY = 0x00
+LHCALL_SHUTDOWN = 0x08
+SHUTDOWN_REBOOT = 1 << 8
+EARLY_CONSOLE_MAX = 256        # an early-console string is at most this long
+
+
+class HypercallPage:
+    base = layout.HYPERCALL_PAGE
+    size = layout.HYPERCALL_PAGE_SIZE
+
+    def __init__(self, memory, ram_top, console, report):
+        self.memory = memory
+        self.ram_top = ram_top
+        self.console = console          # has .write(bytes)
+        self.report = report            # report(message): a guest error
+        self.notify_targets = {}        # guest address -> callable(addr)
+
+    def contains(self, gpa):
+        return self.base <= gpa < self.base + self.size
+
+    def mmio_write(self, gpa, data):
+        """A store to the page; returns a Stop, or None to keep running."""
+        offset = gpa - self.base
+        if len(data) != 8 or offset not in (LHCALL_NOTIFY, LHCALL_SHUTDOWN):
+            self.report(f"hypercall page: {len(data)}-byte store at offset 0x{offset:x} "
+                        "is not a hypercall (8-byte stores at 0x0 and 0x8 are)")
+            return None
+        (value,) = struct.unpack("<Q", data)
+        if offset == LHCALL_SHUTDOWN:
+            return self.shutdown(value)
+        return self.notify(value)
+
+    def shutdown(self, value):
+        if value & SHUTDOWN_REBOOT:
+            return stop.reboot("LHCALL_SHUTDOWN with the reboot bit")
+        return stop.shutdown(value & 0xFF)
+
+    def notify(self, addr):
+        target = self.notify_targets.get(addr)
+        if target is not None:
+            return target(addr)
+        if addr < self.ram_top and self.memory.contains(addr):
+            text = self.memory.read_cstring(addr, EARLY_CONSOLE_MAX)
+            self.console.write(text)
+            return None
+        self.report(f"LHCALL_NOTIFY(0x{addr:x}): neither a device, a vring "
+                    "nor an early-console string in guest RAM")
+        return None
+
+    def describe(self, gpa, data):
+        """A phrase for --trace."""
+        offset = gpa - self.base
+        if len(data) == 8 and offset in (LHCALL_NOTIFY, LHCALL_SHUTDOWN):
+            (value,) = struct.unpack("<Q", data)
+            if offset == LHCALL_SHUTDOWN:
+                what = "reboot" if value & SHUTDOWN_REBOOT else f"status {value & 0xFF}"
+                return f"LHCALL_SHUTDOWN({what})"
+            name = getattr(self.notify_targets.get(value), "trace_name", None)
+            if name:
+                return f"LHCALL_NOTIFY(0x{value:x}) {name}"
+            if value < self.ram_top:
+                return f"LHCALL_NOTIFY(0x{value:x}) early console"
+            return f"LHCALL_NOTIFY(0x{value:x}) bad address"
+        return f"hypercall page +0x{offset:x} ({len(data)} bytes)"

@@ -1,0 +1,24 @@
+"""The CPUID a guest is shown.
+
+We start from KVM_GET_SUPPORTED_CPUID (what this KVM can virtualize on this
+host) and change only what we must, each change with its reason.
+"""
+
+# CPUID leaf 1, ECX bit 13: CMPXCHG16B.  The emulating KVM of design.md
+# section 7 cannot emulate it in guest kernel mode, so there the guest must
+# not be told it exists (Linux uses it when it is advertised).
+LEAF1_ECX_CX16 = 1 << 13
+# Leaf 1, ECX bit 31: "running under a hypervisor", as every VMM sets it.
+LEAF1_ECX_HYPERVISOR = 1 << 31
+
+
+def guest_cpuid(kvm, kvm_kind):
+    """A `struct kvm_cpuid2 *` ready for KVM_SET_CPUID2."""
+    cpuid = kvm.supported_cpuid()
+    for i in range(cpuid.nent):
+        entry = cpuid.entries[i]
+        if entry.function == 1:
+            entry.ecx |= LEAF1_ECX_HYPERVISOR
+            if kvm_kind.emulating:
+                entry.ecx &= ~LEAF1_ECX_CX16 & 0xFFFFFFFF
+    return cpuid

@@ -1,0 +1,43 @@
+"""The one place where an ioctl is issued and its failure turned into an error.
+
+trio does this for every Windows call; we do it for every KVM call.  The
+caller names the ioctl as <linux/kvm.h> does ("KVM_SET_REGS"), the number is
+looked up in the compiled cffi module, and a failure raises KvmError with
+the ioctl's name and the system's explanation, so a reader of the error
+knows exactly which request the kernel refused.
+"""
+
+import os
+
+from pylguest._kvm import ffi, lib
+from pylguest.errors import KvmError
+
+
+def request_number(name):
+    """The ioctl number of `name`, as the C header defines it."""
+    return getattr(lib, name)
+
+
+def ioctl(fd, name, arg=None):
+    """Issue ioctl `name` on `fd`; `arg` is a cffi pointer, an int or None.
+
+    Returns the ioctl's non-negative result.
+    """
+    request = request_number(name)
+    if arg is None:
+        result = lib.pyl_ioctl_val(fd, request, 0)
+    elif isinstance(arg, int):
+        result = lib.pyl_ioctl_val(fd, request, arg)
+    else:
+        result = lib.pyl_ioctl(fd, request, arg)
+    if result < 0:
+        raise ioctl_error(name)
+    return result
+
+
+def ioctl_error(name, errno=None):
+    """A KvmError for a failed ioctl, from errno (ffi.errno by default)."""
+    errno = ffi.errno if errno is None else errno
+    error = KvmError(f"{name} failed: {os.strerror(errno)} (errno {errno})")
+    error.errno = errno
+    return error

@@ -1,0 +1,369 @@
+"""The machine: one VM, one vCPU, guest memory, and the run loop.
+
+This is where the pieces meet, in the order a reader meets them in a
+hypervisor book:
+
+  1. open KVM, create the VM and its in-kernel PIC, IOAPIC and PIT;
+  2. allocate guest memory and register it with KVM;
+  3. load the kernel, initrd, command line and boot_params (boot/);
+  4. create the vCPU in 64-bit mode at the kernel's entry;
+  5. attach the devices we emulate: the 8250 UART, the i8042's reset line,
+     the hypercall page;
+  6. run: KVM_RUN until the guest does something only we can answer, answer
+     it, repeat, until something ends the run (stop.py says how it can).
+"""
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from pylguest import layout, stop
+from pylguest._kvm import ffi, lib
+from pylguest.boot import loader
+from pylguest.boot.bootparams import build_boot_params
+from pylguest.boot.e820 import build_e820
+from pylguest.boot import x86
+from pylguest.bus import LguestBus
+from pylguest.devices.console import ConsoleDevice
+from pylguest.devices.options import create_devices
+from pylguest.emulate import complete_refused_instruction, instruction_bytes
+from pylguest.errors import UsageError
+from pylguest.hypercall import HypercallPage
+from pylguest.i8042 import I8042
+from pylguest import i8042
+from pylguest.kvm import Kvm, detect_kvm_kind
+from pylguest.kvm.cpuid import guest_cpuid
+from pylguest.memory import GuestMemory, plan_regions
+from pylguest.ports import PortBus
+from pylguest.trace import Tracer
+from pylguest.console_output import ConsoleOutput
+from pylguest.terminal import InputReader
+from pylguest.uart import Uart8250
+
+MiB = 1 << 20
+DEFAULT_MEM = 256 * MiB
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+UART_REGISTER_NAMES = ("THR/RBR", "IER", "IIR/FCR", "LCR", "MCR", "LSR", "MSR", "SCR")
+
+# What Linux must be told on the emulating KVM of design.md section 7: the
+# CPUID bits it would act on leak through whatever KVM_SET_CPUID2 says.
+EMULATING_KVM_LINUX_ARGS = "noxsave clearcpuid=popcnt,smap,avx,avx2,avx512f,fma,cx16,xsave"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class MachineConfig:
+    """Everything `pylguest run` can be asked for."""
+    kernel: str
+    initrd: str = None
+    cmdline: str = None
+    mem: int = DEFAULT_MEM
+    timeout: float = None
+    trace: bool = False
+    decompress: str = "auto"           # "auto", "host" or "guest"
+    console_fd: int = 1                # where guest console output goes
+    console_tee: object = None         # a callable(bytes) that also sees it
+    input_fd: int = None               # where console input comes from (None: none)
+    block: list = field(default_factory=list)     # "PATH[,ro]" each
+    net: list = field(default_factory=list)       # "tap:NAME[,mac=...]" each
+    rng: bool = False
+    console: str = None                # None, "stdio" or "socket:PATH"
+
+
+def _read_file(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+class Machine:
+    def __init__(self, config):
+        self.config = config
+        if not layout.MIN_MEM <= config.mem <= layout.MAX_MEM:
+            raise UsageError(f"--mem {config.mem // MiB} MiB is outside "
+                             f"{layout.MIN_MEM // MiB} MiB .. {layout.MAX_MEM // MiB} MiB")
+        kernel_image = _read_file(config.kernel, "kernel")
+        initrd_image = _read_file(config.initrd, "initrd") if config.initrd else None
+        self.tracer = Tracer() if config.trace else None
+        self.kvm = Kvm()
+        self.kvm.require_capabilities()
+        self.kvm_kind = detect_kvm_kind()
+        self.console = ConsoleOutput(config.console_fd, tee=config.console_tee)
+        devices, self.socket_console = create_devices(config, self.console)
+        self.bus = LguestBus(devices)
+        self._create_vm()
+        self._create_memory()
+        self._boot(kernel_image, initrd_image)
+        self._create_vcpu()
+        self._attach_devices()
+        self._requested_stop = None
+
+    # -- 1 and 2: the VM and its memory ------------------------------------
+
+    def _create_vm(self):
+        self.vm = self.kvm.create_vm()
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+
+    def _create_memory(self):
+        self.device_area_size = self.bus.area_size   # the device page, then the vrings
+        self.regions = plan_regions(self.config.mem, self.device_area_size,
+                                    layout.LOW_RAM_LIMIT, layout.HIGH_RAM_BASE)
+        self.memory = GuestMemory(self.regions)
+        for slot, region in enumerate(self.regions):
+            self.vm.set_memory_region(slot, region.gpa, region.size,
+                                      self.memory.host_address + region.host_offset)
+        self.e820 = build_e820(self.regions, self.device_area_size)
+        self.ram_top = self.regions[-1].end - self.device_area_size
+        self.low_ram_top = min(self.ram_top, layout.LOW_RAM_LIMIT)
+
+    # -- 3: the kernel, its command line and boot_params --------------------
+
+    def _host_decompress(self):
+        if self.config.decompress == "auto":
+            return self.kvm_kind.emulating
+        return self.config.decompress == "host"
+
+    def _boot(self, kernel_image, initrd_image):
+        config = self.config
+        self.kernel = loader.load_kernel(self.memory, self.low_ram_top, kernel_image,
+                                         config.kernel, self._host_decompress())
+        initrd = None
+        if initrd_image is not None:
+            initrd = loader.load_initrd(self.memory, self.low_ram_top, initrd_image,
+                                        config.initrd, self.kernel)
+        self.cmdline = self._compose_cmdline()
+        limit = loader.cmdline_limit(self.kernel)
+        if len(self.cmdline) > limit:
+            raise UsageError(f"the command line is {len(self.cmdline)} bytes; "
+                             f"this kernel accepts at most {limit}")
+        self.memory.write(layout.CMDLINE_ADDR, self.cmdline.encode() + b"\0")
+        self.memory.write(layout.BOOT_PARAMS_ADDR,
+                          build_boot_params(self.kernel.setup_header, self.e820,
+                                            layout.CMDLINE_ADDR, initrd))
+        self.memory.write(layout.GDT_ADDR, x86.build_gdt())
+        top = self.regions[-1].end
+        tables = x86.build_page_tables(layout.PAGE_TABLES_ADDR, top)
+        assert layout.PAGE_TABLES_ADDR + len(tables) <= layout.PAGE_TABLES_END
+        self.memory.write(layout.PAGE_TABLES_ADDR, tables)
+
+    def _compose_cmdline(self):
+        """The user's command line, plus what the guest needs from us."""
+        parts = []
+        user = self.config.cmdline
+        if user is None and self.kernel.linux:
+            user = "console=ttyS0"
+        if user:
+            parts.append(user)
+        if self.kernel.linux and self.kvm_kind.emulating:
+            parts.append(EMULATING_KVM_LINUX_ARGS)
+        parts.append(f"lguest.devices=0x{self.ram_top:x}")
+        return " ".join(parts)
+
+    # -- 4: the vCPU ---------------------------------------------------------
+
+    def _create_vcpu(self):
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(guest_cpuid(self.kvm, self.kvm_kind))
+        sregs = self.vcpu.get_sregs()
+        x86.set_long_mode(sregs, layout.PAGE_TABLES_ADDR)
+        self.vcpu.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        x86.set_entry_registers(regs, self.kernel.entry, layout.BOOT_PARAMS_ADDR)
+        self.vcpu.set_regs(regs)
+
+    # -- 5: the devices we emulate --------------------------------------------
+
+    def _attach_devices(self):
+        self.uart = Uart8250(lambda level: self.vm.irq_line(COM1_IRQ, level), self.console)
+        self.ports = PortBus()
+        self.ports.register(COM1_PORT, 8, "uart", self.uart, UART_REGISTER_NAMES)
+        self.ports.register(i8042.BASE_PORT, i8042.PORT_COUNT, "i8042",
+                            I8042(lambda: stop.reboot("i8042 reset (0xFE to port 0x64)")),
+                            i8042.REGISTER_NAMES)
+        self.hypercalls = HypercallPage(self.memory, self.ram_top, self.console,
+                                        self.report_guest_error)
+        self.bus.install(self)
+        self.virtio_console = next((d for d in self.bus.devices
+                                    if isinstance(d, ConsoleDevice)), None)
+        if self.socket_console:
+            self.socket_console.start(self.virtio_console.receive)
+
+    def console_input(self, data):
+        """Keyboard input goes to the virtio console once the guest's driver
+        has started it (and it is on stdio), to the UART until then."""
+        console = self.virtio_console
+        if console is not None and not self.socket_console and console.accepting_input:
+            console.receive(data)
+        else:
+            self.uart.receive(data)
+
+    def report_guest_error(self, message):
+        """A guest did something wrong: say so; the guest keeps running."""
+        self.console.flush()
+        sys.stderr.write(f"pylguest: guest error: {message}\n")
+        sys.stderr.flush()
+
+    # -- 6: the run loop -------------------------------------------------------
+
+    def request_stop(self, reason):
+        """Stop the run from any thread (a timer, the input thread, the API)."""
+        if self._requested_stop is None:
+            self._requested_stop = reason
+        lib.pyl_request_stop(signal.SIGALRM)
+
+    def run(self):
+        """Run the guest until it stops; return a stop.Stop."""
+        signals = ffi.new("int[]", list(STOP_SIGNALS))
+        if lib.pyl_arm_stop_signals(self.vcpu.kvm_run, signals, len(STOP_SIGNALS)) < 0:
+            raise OSError("cannot install the launcher's signal handlers")
+        reader = None
+        if self.config.input_fd is not None:
+            reader = InputReader(self.config.input_fd, self.console_input,
+                                 on_quit=lambda: self.request_stop(stop.user_quit()),
+                                 escapes=os.isatty(self.config.input_fd)).start()
+        timer = None
+        if self.config.timeout:
+            timer = threading.Timer(self.config.timeout,
+                                    lambda: self.request_stop(stop.timeout(self.config.timeout)))
+            timer.daemon = True
+            timer.start()
+        try:
+            if self.tracer:
+                self.tracer.event(f"start: {self.kernel.kind}, entry 0x{self.kernel.entry:x}, "
+                                  f"KVM {self.kvm_kind.kind}")
+            result = self._run_loop()
+        finally:
+            if timer:
+                timer.cancel()
+            if reader:
+                reader.stop()
+            lib.pyl_disarm_stop_signals()
+            self.console.flush()
+        if self.tracer:
+            self.tracer.event(f"stop: {result}")
+        return result
+
+    def _run_loop(self):
+        handlers = {
+            lib.KVM_EXIT_IO: self._exit_io,
+            lib.KVM_EXIT_MMIO: self._exit_mmio,
+            lib.KVM_EXIT_SHUTDOWN: self._exit_triple_fault,
+            lib.KVM_EXIT_INTERNAL_ERROR: self._exit_internal_error,
+            lib.KVM_EXIT_SYSTEM_EVENT: self._exit_system_event,
+            lib.KVM_EXIT_FAIL_ENTRY: self._exit_fail_entry,
+            lib.KVM_EXIT_HLT: self._exit_hlt,
+            lib.KVM_EXIT_INTR: lambda: None,
+        }
+        run = self.vcpu.run
+        while True:
+            reason = run()
+            if reason is None:
+                result = self._interrupted()
+            else:
+                handler = handlers.get(reason)
+                result = handler() if handler else self._exit_unknown(reason)
+            if result is not None:
+                return result
+
+    def _interrupted(self):
+        """KVM_RUN returned EINTR: a signal, or a stop request, or nothing."""
+        if self._requested_stop is not None:
+            return self._requested_stop
+        signo = lib.pyl_stop_signal()
+        if signo:
+            return stop.signal_stop(signo, signal.Signals(signo).name)
+        return None
+
+    def _exit_io(self):
+        io = self.vcpu.kvm_run.io
+        port, size, count = io.port, io.size, io.count
+        data = self.vcpu.io_data()
+        result = None
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            for i in range(count):
+                value = int.from_bytes(data[i * size:(i + 1) * size], "little")
+                if self.tracer:
+                    self.tracer.io_out(port, size, value, self.ports.describe(port))
+                result = self.ports.io_out(port, size, value) or result
+        else:
+            for i in range(count):
+                value = self.ports.io_in(port, size)
+                data[i * size:(i + 1) * size] = value.to_bytes(size, "little")
+                if self.tracer:
+                    self.tracer.io_in(port, size, value, self.ports.describe(port))
+        return result
+
+    def _exit_mmio(self):
+        mmio = self.vcpu.kvm_run.mmio
+        gpa, length = mmio.phys_addr, mmio.len
+        data = bytes(ffi.buffer(mmio.data, length))
+        if not self.hypercalls.contains(gpa):
+            if self.tracer:
+                self.tracer.mmio(gpa, mmio.is_write, data, "unclaimed")
+            if not mmio.is_write:
+                ffi.buffer(mmio.data, length)[:] = b"\xff" * length
+            return None
+        if self.tracer:
+            self.tracer.mmio(gpa, mmio.is_write, data, self.hypercalls.describe(gpa, data))
+        if mmio.is_write:
+            return self.hypercalls.mmio_write(gpa, data)
+        ffi.buffer(mmio.data, length)[:] = bytes(length)
+        return None
+
+    def registers_text(self):
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        names = ("rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx",
+                 "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+        text = " ".join(f"{n}=0x{getattr(regs, n):x}" for n in names)
+        return (f"{text} cr0=0x{sregs.cr0:x} cr2=0x{sregs.cr2:x} cr3=0x{sregs.cr3:x} "
+                f"cr4=0x{sregs.cr4:x} efer=0x{sregs.efer:x} cs=0x{sregs.cs.selector:x}")
+
+    def _exit_triple_fault(self):
+        return stop.triple_fault(self.registers_text())
+
+    def _exit_internal_error(self):
+        kvm_run = self.vcpu.kvm_run
+        insn = instruction_bytes(kvm_run)
+        name = complete_refused_instruction(self.vcpu, insn) if insn else None
+        if name:
+            if self.tracer:
+                self.tracer.event(f"emulation: completed {name} ({insn.hex(' ')}) for KVM")
+            return None
+        return stop.launcher_error(
+            f"KVM internal error (suberror {kvm_run.internal.suberror}), instruction bytes "
+            f"[{insn.hex(' ') or 'unknown'}]: {self.registers_text()}")
+
+    def _exit_system_event(self):
+        event = self.vcpu.kvm_run.system_event.type
+        if event == lib.KVM_SYSTEM_EVENT_RESET:
+            return stop.reboot("system reset")
+        return stop.shutdown(0)
+
+    def _exit_fail_entry(self):
+        reason = self.vcpu.kvm_run.fail_entry.hardware_entry_failure_reason
+        return stop.launcher_error(f"KVM could not enter the guest (hardware reason 0x{reason:x})")
+
+    def _exit_hlt(self):
+        # With the in-kernel irqchip, KVM waits for interrupts itself and
+        # never gives us a HLT; if it does, the guest halted for good.
+        return stop.Stop(stop.EXIT_LAUNCHER_ERROR, "halted", "the guest halted with no way to wake")
+
+    def _exit_unknown(self, reason):
+        return stop.launcher_error(f"unhandled KVM exit reason {reason}: {self.registers_text()}")
+
+    def close(self):
+        self.bus.close()
+        if self.socket_console:
+            self.socket_console.close()
+        self.console.close()
+        self.vcpu.close()
+        self.memory.close()
+        self.vm.close()
+        self.kvm.close()

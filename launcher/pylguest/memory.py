@@ -1,0 +1,126 @@
+"""Guest physical memory: one anonymous shared mmap, and one gate to it.
+
+The guest's RAM, the lguest device page and the vrings above it are a
+single anonymous shared mapping, registered with KVM as one or two memory
+slots (two when RAM reaches above 3 GiB: the part above goes above 4 GiB, so
+the 32-bit MMIO hole stays free, design.md section 2).
+
+Every guest-physical access the launcher makes goes through `GuestMemory`:
+`view(gpa, length)` is the one checked accessor (lguest's check_pointer):
+the whole range [gpa, gpa+length) must lie inside one region of guest
+memory, with no wraparound, or GuestMemoryError is raised.  Checking only
+the first byte is the classic hole; we check the last one too.
+
+Device code gets numpy views (`array(gpa, dtype, count)`) over the same
+bytes, so rings and buffers are read and written in place, without copies.
+"""
+
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from pylguest.errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Region:
+    """A guest-physical range backed by [host_offset, +size) of our mmap."""
+    gpa: int
+    size: int
+    host_offset: int
+
+    @property
+    def end(self):
+        return self.gpa + self.size
+
+    def contains(self, gpa, length):
+        return self.gpa <= gpa and gpa + length <= self.end
+
+
+def plan_regions(ram_size, extra_size, low_limit=3 * GiB, high_base=4 * GiB):
+    """Where RAM (plus the device area `extra_size` above it) goes.
+
+    RAM up to `low_limit` starts at 0; any more starts at 4 GiB.  The device
+    area always follows the last byte of RAM, which makes it sit exactly at
+    max_pfn << 12 as the guest computes it from e820.
+    """
+    if ram_size <= low_limit:
+        return [Region(0, ram_size + extra_size, 0)]
+    high = ram_size - low_limit
+    return [Region(0, low_limit, 0),
+            Region(high_base, high + extra_size, low_limit)]
+
+
+class GuestMemory:
+    """The guest's physical memory, as the launcher sees it."""
+
+    def __init__(self, regions):
+        self.regions = tuple(regions)
+        self.size = sum(r.size for r in self.regions)
+        # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
+        self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+                              | getattr(mmap, "MAP_NORESERVE", 0))
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self.host_address = self._bytes.ctypes.data
+
+    def close(self):
+        self._bytes = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # views handed out are still alive; the mapping goes at exit
+
+    def _offset(self, gpa, length):
+        """The mmap offset of [gpa, gpa+length), or GuestMemoryError."""
+        if gpa < 0 or length < 0 or gpa + length > 1 << 64:
+            raise GuestMemoryError(
+                f"guest address range 0x{gpa:x}+0x{length:x} wraps around")
+        for region in self.regions:
+            if region.contains(gpa, length):
+                return region.host_offset + (gpa - region.gpa)
+        raise GuestMemoryError(
+            f"guest address range 0x{gpa:x}-0x{gpa + length:x} "
+            "is not inside guest memory")
+
+    def contains(self, gpa, length=1):
+        try:
+            self._offset(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    def view(self, gpa, length):
+        """A writable numpy uint8 view of [gpa, gpa+length): the checked accessor."""
+        offset = self._offset(gpa, length)
+        return self._bytes[offset:offset + length]
+
+    def array(self, gpa, dtype, count):
+        """A numpy array of `count` items of `dtype` living at `gpa`."""
+        dtype = np.dtype(dtype)
+        return self.view(gpa, dtype.itemsize * count).view(dtype)
+
+    def read(self, gpa, length):
+        return self.view(gpa, length).tobytes()
+
+    def write(self, gpa, data):
+        self.view(gpa, len(data))[:] = np.frombuffer(bytes(data), dtype=np.uint8)
+
+    def read_int(self, gpa, size):
+        return int.from_bytes(self.view(gpa, size).tobytes(), "little")
+
+    def write_int(self, gpa, size, value):
+        self.write(gpa, value.to_bytes(size, "little"))
+
+    def read_cstring(self, gpa, limit):
+        """A NUL-terminated string at gpa, at most `limit` bytes, never
+        reading past the end of the region it starts in."""
+        for region in self.regions:
+            if region.contains(gpa, 1):
+                length = min(limit, region.end - gpa)
+                data = self.read(gpa, length)
+                return data.split(b"\0", 1)[0]
+        raise GuestMemoryError(f"guest address 0x{gpa:x} is not inside guest memory")

@@ -1,0 +1,54 @@
+"""The port I/O bus: which emulated device answers `in` and `out` on a port.
+
+Only what the kernel does not already emulate reaches us: the PIC, PIT and
+IOAPIC are in-kernel.  A port nobody claims reads as all ones (a floating
+ISA bus, which is how Linux discovers that COM2 is absent) and ignores
+writes.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PortRange:
+    base: int
+    count: int
+    name: str
+    device: object                 # has io_in(offset) and io_out(offset, value)
+    register_names: tuple = ()
+
+    def register_name(self, offset):
+        if offset < len(self.register_names) and self.register_names[offset]:
+            return f"{self.name}.{self.register_names[offset]}"
+        return f"{self.name}+{offset}"
+
+
+class PortBus:
+    def __init__(self):
+        self._by_port = {}
+
+    def register(self, base, count, name, device, register_names=()):
+        entry = PortRange(base, count, name, device, tuple(register_names))
+        for port in range(base, base + count):
+            if port in self._by_port:
+                raise ValueError(f"port 0x{port:x} claimed twice")
+            self._by_port[port] = entry
+
+    def find(self, port):
+        return self._by_port.get(port)
+
+    def io_in(self, port, size):
+        entry = self._by_port.get(port)
+        if entry is None:
+            return (1 << (8 * size)) - 1
+        return entry.device.io_in(port - entry.base)
+
+    def io_out(self, port, size, value):
+        entry = self._by_port.get(port)
+        if entry is None:
+            return None
+        return entry.device.io_out(port - entry.base, value)
+
+    def describe(self, port):
+        entry = self._by_port.get(port)
+        return entry.register_name(port - entry.base) if entry else "unclaimed"

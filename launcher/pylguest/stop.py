@@ -1,0 +1,58 @@
+"""How a guest run ends, and the launcher's exit status for each way.
+
+A guest's own status (LHCALL_SHUTDOWN, bits 0-7) becomes the launcher's
+exit status unchanged, so a CI script can `exit 3` from inside the guest
+and see 3.  The launcher's own outcomes use values a shell user already
+knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
+"""
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_LAUNCHER_ERROR = 1        # KVM refused something, an unhandled exit
+EXIT_USAGE = 2                 # bad command line, missing or unloadable file
+EXIT_TIMEOUT = 124             # --timeout expired, as timeout(1) says it
+EXIT_GUEST_CRASH = 125         # triple fault: the guest could not go on
+EXIT_SIGNAL_BASE = 128         # + the signal number, as a shell reports it
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The end of a run: the exit status and a phrase saying why."""
+    status: int
+    reason: str                # "shutdown", "reboot", "i8042 reset", ...
+    detail: str = ""
+
+    def __str__(self):
+        text = f"{self.reason} (exit status {self.status})"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+def shutdown(status):
+    return Stop(status & 0xFF, "shutdown", f"the guest asked to stop with status {status & 0xFF}")
+
+
+def reboot(how):
+    # We have no firmware to reboot into, so a reboot ends the run, like
+    # `qemu -no-reboot`; it is a clean end, status 0.
+    return Stop(EXIT_OK, "reboot", how)
+
+
+def timeout(seconds):
+    return Stop(EXIT_TIMEOUT, "timeout", f"the guest was still running after {seconds:g} s")
+
+
+def signal_stop(signo, name):
+    return Stop(EXIT_SIGNAL_BASE + signo, "signal", f"stopped by {name}")
+
+
+def user_quit():
+    return Stop(EXIT_OK, "quit", "Ctrl-A x")
+
+
+def triple_fault(registers):
+    return Stop(EXIT_GUEST_CRASH, "triple fault", registers)
+
+
+def launcher_error(message):
+    return Stop(EXIT_LAUNCHER_ERROR, "launcher error", message)

@@ -1,0 +1,157 @@
+"""What every virtio device is, to the bus: kvmtool's ops table, in Python.
+
+A device says what it is (its virtio type, its queues' sizes, the features it
+offers, its config space) and reacts to four things:
+
+    activate(queues)   the guest set DRIVER_OK (or kicked first): go
+    kick(index)        the guest put buffers in queue `index`
+    reset()            the guest wrote status 0 (or FAILED): stop, forget
+    input_ready()      (some devices) the outside world has data for us
+
+Queue processing runs on `QueueWorker` threads, one per queue: each sleeps
+on its queue's ioeventfd, which KVM signals when the guest kicks, so a kick
+never passes through the vCPU thread or Python's run loop.  A worker raises
+the device's interrupt through its irqfd, so it never needs the vCPU either.
+
+Anything a guest gets wrong in a queue raises VirtqueueError; the worker
+catches it at one place, marks the device broken with a message naming the
+device and queue, and stops serving it.  The guest can reset the device to
+bring it back; the rest of the machine never notices.
+"""
+
+import abc
+import os
+import select
+import threading
+
+from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+                                   VirtqueueError)
+
+# Device status bits (virtio spec 2.1, legacy).
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FAILED = 0x80
+
+# The ring features every device offers (virtio spec 6).
+RING_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+
+class VirtioDevice(abc.ABC):
+    """Base class: subclasses set `type`, `queue_names`, `queue_sizes` and
+    implement `process(index, vq)`, and where they have them
+    `device_features()` and `config_space()`."""
+
+    type = 0
+    queue_names = ()
+    queue_sizes = ()
+
+    def __init__(self, name):
+        self.name = name
+        self.queues = []
+        self.broken = None            # the message, once broken
+        self.interrupt = None         # set by the bus: callable() raising our IRQ
+        self.report = None            # set by the bus: callable(message)
+        self.trace = None             # set by the bus: callable(text) or None
+        self.memory = None            # set by the bus: the GuestMemory
+        self.guest_features = 0
+        # One lock per device: the vCPU thread (status changes), the queue
+        # workers (kicks) and input threads all reach the same queues.
+        self.lock = threading.RLock()
+
+    # -- what the device offers ------------------------------------------------
+
+    def device_features(self):
+        return 0
+
+    def host_features(self):
+        return self.device_features() | RING_FEATURES
+
+    def config_space(self):
+        return b""
+
+    # -- what the bus calls ------------------------------------------------------
+
+    def activate(self, queues, guest_features):
+        self.queues = queues
+        self.guest_features = guest_features
+        self.broken = None
+
+    def reset(self):
+        self.queues = []
+        self.guest_features = 0
+
+    def has_feature(self, bit):
+        return bool(self.guest_features >> bit & 1)
+
+    def queue_label(self, index):
+        return f"{self.name}/{self.queue_names[index]}"
+
+    @abc.abstractmethod
+    def process(self, index, vq):
+        """Serve queue `index`: pop chains, do the work, push them back.
+        Returns True if anything was pushed (so an interrupt may be due)."""
+
+    def service(self, index):
+        """Called on a kick: process the queue, interrupt if the guest wants,
+        and turn a guest's mistake into a broken device."""
+        with self.lock:
+            if self.broken or index >= len(self.queues):
+                return
+            vq = self.queues[index]
+            try:
+                if self.process(index, vq) and vq.needs_interrupt():
+                    self.raise_interrupt(index)
+            except VirtqueueError as e:
+                self.mark_broken(str(e))
+
+    def raise_interrupt(self, index):
+        if self.trace:
+            self.trace(f"irq   {self.queue_label(index)}")
+        self.interrupt()
+
+    def mark_broken(self, message):
+        self.broken = message
+        self.report(f"{message}: device {self.name} marked broken until the guest resets it")
+
+    def close(self):
+        """The machine is going away: release what the device holds."""
+
+
+class QueueWorker:
+    """A thread serving one queue: it wakes on the queue's ioeventfd."""
+
+    def __init__(self, device, index, kick_fd, trace=None, on_kick=None):
+        self.device = device
+        self.index = index
+        self.kick_fd = kick_fd
+        self.trace = trace
+        self.on_kick = on_kick        # the bus: start the device on a first kick
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name=f"pylguest {device.queue_label(index)}")
+
+    def start(self):
+        self.thread.start()
+
+    def _loop(self):
+        poller = select.poll()
+        poller.register(self.kick_fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._stop_r in ready:
+                return
+            if self.kick_fd in ready:
+                os.eventfd_read(self.kick_fd)
+                if self.trace:
+                    self.trace(f"kick  {self.device.queue_label(self.index)}")
+                if self.on_kick:
+                    self.on_kick(self.index)
+                self.device.service(self.index)
+
+    def stop(self):
+        os.write(self._stop_w, b"x")
+        self.thread.join(timeout=10)
+        os.close(self._stop_r)
+        os.close(self._stop_w)

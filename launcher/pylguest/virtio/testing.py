@@ -1,0 +1,129 @@
+"""A mock guest driver: builds split rings in plain guest memory.
+
+The tests (and benchmarks) play the guest with it: write descriptors,
+publish chains in the available ring, read what the device put in the used
+ring.  It writes whatever it is told, including malformed rings, which is
+the point: the device must survive them.  No /dev/kvm is involved; any
+`GuestMemory` will do.
+"""
+
+import numpy as np
+
+from pylguest.virtio.queue import (
+    DESC_DTYPE, DESC_SIZE, USED_ELEM_DTYPE, VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_addresses, vring_size)
+
+U16 = 0xFFFF
+
+
+class RingBuilder:
+    """The driver's side of a legacy split ring of `num` entries at pfn << 12."""
+
+    def __init__(self, memory, num, pfn):
+        self.memory, self.num, self.pfn = memory, num, pfn
+        desc, avail, used = vring_addresses(pfn << 12, num)
+        self.desc = memory.array(desc, DESC_DTYPE, num)
+        self.avail = memory.array(avail, "<u2", 3 + num)     # flags, idx, ring, used_event
+        self.used = memory.array(used, "<u2", 2)             # flags, idx
+        self.used_ring = memory.array(used + 4, USED_ELEM_DTYPE, num)
+        self._avail_event = memory.array(used + 4 + 8 * num, "<u2", 1)
+        self.avail_idx = 0       # the driver's own copy of avail.idx
+        self.next_free = 0       # next descriptor index add_chain() hands out
+        self._data_next = ((pfn << 12) + vring_size(num) + 0xFFF) & ~0xFFF
+
+    # -- Raw writes, for building broken rings.
+
+    def set_desc(self, index, addr, length, flags=0, next_index=0, table=None):
+        """Write descriptor `index` of the ring (or of an indirect `table`)."""
+        (self.desc if table is None else table)[index] = (addr, length, flags, next_index)
+
+    def publish(self, head):
+        """Put `head` in the next available slot, then advance avail.idx."""
+        self.avail[2 + self.avail_idx % self.num] = head
+        self.set_avail_idx(self.avail_idx + 1)
+
+    def set_avail_idx(self, value):
+        self.avail_idx = value & U16
+        self.avail[1] = self.avail_idx
+
+    # -- The conveniences a well-behaved driver would use.
+
+    def alloc(self, size, fill=None):
+        """Bump-allocate `size` bytes of guest memory above the ring."""
+        gpa = self._data_next
+        self._data_next = (gpa + size + 15) & ~15
+        if fill is not None:
+            self.memory.write(gpa, fill)
+        return gpa
+
+    def buffer(self, data=b"", size=None):
+        """A (gpa, length) holding `data`, or `size` zero bytes."""
+        size = len(data) if size is None else size
+        return self.alloc(size, data or None), size
+
+    @staticmethod
+    def _links(buffers):
+        """(addr, len, flags) for each (addr, len, writable), chained with NEXT."""
+        last = len(buffers) - 1
+        return [(addr, length, (VRING_DESC_F_WRITE if writable else 0)
+                 | (VRING_DESC_F_NEXT if i < last else 0))
+                for i, (addr, length, writable) in enumerate(buffers)]
+
+    def add_chain(self, buffers, publish=True):
+        """Chain [(addr, len, writable), ...] through free descriptors; return the head."""
+        indices = [(self.next_free + i) % self.num for i in range(len(buffers))]
+        self.next_free = (self.next_free + len(buffers)) % self.num
+        for i, (addr, length, flags) in enumerate(self._links(buffers)):
+            nxt = indices[i + 1] if i + 1 < len(indices) else 0
+            self.set_desc(indices[i], addr, length, flags, nxt)
+        if publish:
+            self.publish(indices[0])
+        return indices[0]
+
+    def indirect_table(self, count):
+        """A fresh table of `count` descriptors in guest memory: (gpa, array)."""
+        gpa = self.alloc(count * DESC_SIZE, bytes(count * DESC_SIZE))
+        return gpa, self.memory.array(gpa, DESC_DTYPE, count)
+
+    def add_indirect(self, buffers, publish=True):
+        """One ring descriptor pointing at a table holding the chain; return the head."""
+        gpa, table = self.indirect_table(len(buffers))
+        for i, (addr, length, flags) in enumerate(self._links(buffers)):
+            table[i] = (addr, length, flags, i + 1 if flags & VRING_DESC_F_NEXT else 0)
+        head = self.next_free
+        self.next_free = (self.next_free + 1) % self.num
+        self.set_desc(head, gpa, len(buffers) * DESC_SIZE, VRING_DESC_F_INDIRECT)
+        if publish:
+            self.publish(head)
+        return head
+
+    # -- Reading back what the device did.
+
+    @property
+    def used_idx(self):
+        return int(self.used[1])
+
+    @property
+    def used_flags(self):
+        return int(self.used[0])
+
+    def used_elem(self, n):
+        """The used element of the n-th (free-running) used index: (id, len)."""
+        return tuple(int(x) for x in self.used_ring[n % self.num].item())
+
+    @property
+    def avail_event(self):
+        return int(self._avail_event[0])
+
+    # -- The driver's notification knobs.
+
+    def set_avail_flags(self, flags):
+        self.avail[0] = flags
+
+    def set_used_event(self, value):
+        self.avail[2 + self.num] = value & U16
+
+
+def fill_pattern(length, seed=0):
+    """Deterministic, recognisable bytes for scatter/gather tests."""
+    return ((np.arange(length, dtype=np.uint32) * 7 + seed) & 0xFF).astype(np.uint8).tobytes()

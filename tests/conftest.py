@@ -1,0 +1,24 @@
+"""Shared fixtures: where things are, and what this machine can do."""
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "guests" / "build"
+
+
+def guest_path(name):
+    """A teaching guest built by `make -C guests`; skip (saying why) if absent."""
+    path = GUESTS / f"{name}.elf"
+    if not path.exists():
+        pytest.skip(f"{path} is not built: run `make guests`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kvm_available():
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not usable here (tests that run a guest need it)")
+    return True

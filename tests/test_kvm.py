@@ -1,0 +1,126 @@
+"""The KVM layer: kind detection, ioctl errors, and a vCPU running real code."""
+
+import errno
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pylguest._kvm import ffi, lib
+from pylguest.errors import KvmError
+from pylguest.kvm import Kvm, detect_kvm_kind
+from pylguest.kvm.ioctl import ioctl
+from pylguest.memory import GuestMemory, Region
+
+
+def fake_host(tmp_path, modules, flags):
+    sysmod = tmp_path / "module"
+    for m in modules:
+        (sysmod / m).mkdir(parents=True)
+    sysmod.mkdir(exist_ok=True)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {' '.join(flags)} sse2\n")
+    return str(sysmod), str(cpuinfo)
+
+
+def test_kind_emulating_from_pvm_module(tmp_path):
+    kind = detect_kvm_kind(*fake_host(tmp_path, ["kvm", "kvm_pvm"], []))
+    assert kind.emulating and not kind.hardware and kind.module == "kvm_pvm"
+
+
+def test_kind_hardware_needs_module_and_cpu_flag(tmp_path):
+    assert detect_kvm_kind(*fake_host(tmp_path / "a", ["kvm", "kvm_intel"], ["vmx"])).hardware
+    assert detect_kvm_kind(*fake_host(tmp_path / "b", ["kvm", "kvm_amd"], ["svm"])).hardware
+    odd = detect_kvm_kind(*fake_host(tmp_path / "c", ["kvm", "kvm_intel"], []))
+    assert odd.kind == "unknown" and "neither vmx nor svm" in odd.evidence
+
+
+def test_kind_unknown_is_never_a_guess(tmp_path):
+    assert detect_kvm_kind(*fake_host(tmp_path, ["kvm"], ["vmx"])).kind == "unknown"
+
+
+def test_this_machine_kind_is_reported():
+    kind = detect_kvm_kind()
+    assert kind.kind in ("hardware", "emulating", "unknown")
+    print(f"this machine's KVM: {kind}")
+
+
+def test_failed_ioctl_names_the_ioctl(kvm_available):
+    kvm = Kvm()
+    try:
+        with pytest.raises(KvmError, match=r"KVM_GET_REGS failed: .*errno"):
+            ioctl(kvm.fd, "KVM_GET_REGS", ffi.new("struct kvm_regs *"))
+    finally:
+        kvm.close()
+
+
+def test_missing_device_is_a_clear_error(tmp_path):
+    with pytest.raises(KvmError, match="cannot open"):
+        Kvm(str(tmp_path / "no-kvm"))
+
+
+# A real-mode loop at 0x1000:  mov al, 0x41 ; out 0x80, al ; inc al ; jmp out
+REAL_MODE_LOOP = bytes([0xB0, 0x41, 0xE6, 0x80, 0xFE, 0xC0, 0xEB, 0xFA])
+HLT_WITH_IRQS_OFF = bytes([0xFA, 0xF4, 0xEB, 0xFD])   # cli; hlt; jmp hlt
+
+
+class RealModeVm:
+    """The smallest VM: 1 MiB of memory, code at 0x1000, real mode."""
+
+    def __init__(self, code):
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vm.create_irqchip()
+        self.memory = GuestMemory([Region(0, 1 << 20, 0)])
+        self.vm.set_memory_region(0, 0, 1 << 20, self.memory.host_address)
+        self.memory.write(0x1000, code)
+        self.vcpu = self.vm.create_vcpu()
+        sregs = self.vcpu.get_sregs()
+        sregs.cs.base = 0
+        sregs.cs.selector = 0
+        self.vcpu.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        regs.rip = 0x1000
+        regs.rflags = 2
+        self.vcpu.set_regs(regs)
+
+    def close(self):
+        self.vcpu.close()
+        self.memory.close()
+        self.vm.close()
+        self.kvm.close()
+
+
+def test_port_writes_exit_with_their_data(kvm_available):
+    machine = RealModeVm(REAL_MODE_LOOP)
+    try:
+        seen = []
+        for _ in range(3):
+            assert machine.vcpu.run() == lib.KVM_EXIT_IO
+            io = machine.vcpu.kvm_run.io
+            assert (io.direction, io.port, io.size) == (lib.KVM_EXIT_IO_OUT, 0x80, 1)
+            seen.append(machine.vcpu.io_data()[0])
+        assert seen == [0x41, 0x42, 0x43]
+    finally:
+        machine.close()
+
+
+def test_immediate_exit_stops_a_halted_vcpu(kvm_available):
+    """A guest in `cli; hlt` never exits by itself: a stop request from
+    another thread must still end KVM_RUN (KVM_CAP_IMMEDIATE_EXIT + signal)."""
+    machine = RealModeVm(HLT_WITH_IRQS_OFF)
+    signals = ffi.new("int[]", [signal.SIGUSR1])
+    assert lib.pyl_arm_stop_signals(machine.vcpu.kvm_run, signals, 1) == 0
+    try:
+        timer = threading.Timer(0.3, lib.pyl_request_stop, args=(signal.SIGALRM,))
+        timer.start()
+        start = time.monotonic()
+        assert machine.vcpu.run() is None          # EINTR: interrupted
+        assert time.monotonic() - start < 10
+        assert lib.pyl_stop_signal() == signal.SIGALRM
+        timer.join()
+    finally:
+        lib.pyl_disarm_stop_signals()
+        machine.close()
