@@ -24,6 +24,7 @@ import os
 
 from pylguest import device_page, layout
 from pylguest.device_page import VqConfig
+from pylguest.errors import UsageError
 from pylguest.memory import PAGE_SIZE
 from pylguest.virtio.device import STATUS_DRIVER_OK, STATUS_FAILED, QueueWorker
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -65,6 +66,10 @@ class LguestBus:
         self.area_size = PAGE_SIZE + sum(
             ring_pages(num) * PAGE_SIZE for d in self.devices for num in d.queue_sizes)
         self.entries = []
+        try:
+            self._plan(0)
+        except ValueError as e:
+            raise UsageError(f"too many devices: {e}") from None
 
     # -- setting up -------------------------------------------------------------
 

@@ -61,6 +61,8 @@ def build_parser():
     run.add_argument("--timeout", help="stop the guest after this many seconds (exit status 124)")
     run.add_argument("--trace", action="store_true",
                      help="print one decoded line per exit to stderr")
+    run.add_argument("--stats", action="store_true",
+                     help="when the guest stops, print how many exits it took, by kind")
     run.add_argument("--decompress", choices=("auto", "host", "guest"), default="auto",
                      help="who unpacks a bzImage: the guest's own decompressor, or the host "
                           "(auto: host when KVM emulates guest kernel mode)")
@@ -85,7 +87,7 @@ def command_run(args):
     config = MachineConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                            mem=parse_size(args.mem),
                            timeout=parse_timeout(args.timeout) if args.timeout else None,
-                           trace=args.trace, decompress=args.decompress, input_fd=0,
+                           trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
                            block=args.block, net=args.net, rng=args.rng, console=args.console)
     machine = Machine(config)
     try:

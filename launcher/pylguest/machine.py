@@ -63,6 +63,7 @@ class MachineConfig:
     mem: int = DEFAULT_MEM
     timeout: float = None
     trace: bool = False
+    stats: bool = False                # print exit counts when the run ends
     decompress: str = "auto"           # "auto", "host" or "guest"
     console_fd: int = 1                # where guest console output goes
     console_tee: object = None         # a callable(bytes) that also sees it
@@ -102,6 +103,7 @@ class Machine:
         self._create_vcpu()
         self._attach_devices()
         self._requested_stop = None
+        self.exit_counts = {}              # KVM exit reason (None: EINTR) -> count
 
     # -- 1 and 2: the VM and its memory ------------------------------------
 
@@ -247,6 +249,8 @@ class Machine:
             self.console.flush()
         if self.tracer:
             self.tracer.event(f"stop: {result}")
+        if self.config.stats:
+            sys.stderr.write(f"pylguest: {self.exit_summary()}\n")
         return result
 
     def _run_loop(self):
@@ -261,8 +265,10 @@ class Machine:
             lib.KVM_EXIT_INTR: lambda: None,
         }
         run = self.vcpu.run
+        counts = self.exit_counts
         while True:
             reason = run()
+            counts[reason] = counts.get(reason, 0) + 1
             if reason is None:
                 result = self._interrupted()
             else:
@@ -315,6 +321,15 @@ class Machine:
             return self.hypercalls.mmio_write(gpa, data)
         ffi.buffer(mmio.data, length)[:] = bytes(length)
         return None
+
+    def exit_summary(self):
+        """`--stats`: how many times the guest exited to us, by reason."""
+        names = {getattr(lib, n): n[len("KVM_EXIT_"):].lower()
+                 for n in dir(lib) if n.startswith("KVM_EXIT_") and not n.startswith("KVM_EXIT_IO_")}
+        names[None] = "interrupted"
+        parts = [f"{names.get(r, r)} {n}" for r, n in sorted(self.exit_counts.items(),
+                                                             key=lambda item: -item[1])]
+        return f"exits to userspace: {sum(self.exit_counts.values())} ({', '.join(parts)})"
 
     def registers_text(self):
         regs = self.vcpu.get_regs()

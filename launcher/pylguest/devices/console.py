@@ -68,6 +68,5 @@ class ConsoleDevice(VirtioDevice):
             self.dropped += max(0, len(data) - room)
         self.service(RECEIVEQ)
 
-    def reset(self):
-        super().reset()
-        self.pending.clear()
+    # reset() keeps `pending`: the seed driver resets every device when it
+    # first probes it, and what the user typed before that is still theirs.

@@ -158,8 +158,15 @@ class NetDevice(VirtioDevice):
                         have_buffers = False
                         break
                     views = [self.memory.view(b.gpa, b.length) for b in chain.writable]
-                    vq.push(chain, os.readv(self.tap, views))
-                    self.frames_received += 1
+                    try:
+                        received = os.readv(self.tap, views)
+                    except OSError as e:
+                        # The buffer goes back empty; the guest's driver
+                        # counts it as an rx error, as for a bad frame.
+                        self.report(f"{self.name}: reading tap {self.tap_name} failed: {e.strerror}")
+                        received = 0
+                    vq.push(chain, received)
+                    self.frames_received += received > 0
                     pushed = True
             except VirtqueueError as e:
                 self.mark_broken(str(e))

@@ -14,6 +14,8 @@ import threading
 
 from pylguest.errors import UsageError
 
+SEND_TIMEOUT = 1.0                 # seconds a client may keep us waiting
+
 
 class SocketConsole:
     def __init__(self, path):
@@ -69,6 +71,10 @@ class SocketConsole:
                 return
             if self.listener in ready:
                 conn, _ = self.listener.accept()
+                # A client that stops reading must not stall the guest's
+                # transmit queue for long: a send that blocks this long
+                # disconnects it.
+                conn.settimeout(SEND_TIMEOUT)
                 with self._lock:
                     old, self.client = self.client, conn
                 if old:
@@ -86,6 +92,8 @@ class SocketConsole:
                     self.receive(data)
 
     def close(self):
+        if self._stop_w < 0:
+            return
         os.write(self._stop_w, b"x")
         if self.thread.is_alive():
             self.thread.join(timeout=5)
@@ -94,6 +102,7 @@ class SocketConsole:
         self.listener.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
+        self._stop_r = self._stop_w = -1
         try:
             os.unlink(self.path)
         except OSError:

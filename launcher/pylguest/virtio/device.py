@@ -104,6 +104,10 @@ class VirtioDevice(abc.ABC):
                     self.raise_interrupt(index)
             except VirtqueueError as e:
                 self.mark_broken(str(e))
+                # Requests completed before the bad one still deserve
+                # their interrupt.
+                if vq.needs_interrupt():
+                    self.raise_interrupt(index)
 
     def raise_interrupt(self, index):
         if self.trace:

@@ -1,0 +1,331 @@
+"""The virtio block device (virtio spec 5.2) against a real image file.
+
+The guest is a RingBuilder over plain memory; the disk is a temporary file
+whose bytes every test checks with plain open().read(), never through the
+device.  Request types and status values are spelled as the spec's numbers
+here, not taken from block.py, so a wrong constant there fails.
+"""
+
+import os
+import struct
+
+import pytest
+from virtio_rig import DeviceRig, new_memory
+
+from pylguest.devices import block
+from pylguest.devices.block import BlockDevice, BlockRequest
+from pylguest.errors import UsageError
+from pylguest.virtio.testing import fill_pattern
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8          # spec 5.2.6
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+F_RO = 5                                             # spec 5.2.3
+SECTORS = 16
+IMAGE = fill_pattern(SECTORS * 512, seed=3)
+PFN = 0x10
+DATA_AREA = (0x20000, 0xF0000)
+
+
+def header(type_, sector=0, ioprio=0):
+    return struct.pack("<IIQ", type_, ioprio, sector)   # struct virtio_blk_outhdr
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(IMAGE)
+    return path
+
+
+@pytest.fixture
+def memory():
+    mem = new_memory()
+    yield mem
+    mem.close()
+
+
+def make_rig(memory, path, read_only=False, **activate):
+    device = BlockDevice("block0", str(path), read_only)
+    rig = DeviceRig(device, memory, [PFN], DATA_AREA)
+    rig.activate(**activate)
+    return rig
+
+
+@pytest.fixture
+def rig(memory, image):
+    rig = make_rig(memory, image)
+    yield rig
+    rig.device.close()
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def status_of(rig, placed):
+    gpa, length = placed[-1]
+    return rig.memory.read(gpa + length - 1, 1)[0]
+
+
+def serve(rig, buffers):
+    """Post one request, kick, and return (head, placed buffers)."""
+    head, placed = rig.chain(0, buffers)
+    rig.device.service(0)
+    return head, placed
+
+
+# --- Reads.
+
+def test_read_scatters_file_data_over_buffers(rig):
+    head, placed = serve(rig, [(header(T_IN, 3), False), (300, True), (724, True), (1, True)])
+    got = rig.memory.read(*placed[1]) + rig.memory.read(*placed[2])
+    assert got == IMAGE[3 * 512:5 * 512]
+    assert status_of(rig, placed) == S_OK
+    ring = rig.rings[0]
+    assert ring.used_idx == 1
+    assert ring.used_elem(0) == (head, 1024 + 1)      # data bytes + the status byte
+    assert rig.interrupts == 1
+    assert not rig.device.broken
+
+
+def test_read_with_data_and_status_in_one_buffer(rig):
+    head, placed = serve(rig, [(header(T_IN, 15), False), (513, True)])
+    gpa, _ = placed[1]
+    assert rig.memory.read(gpa, 512) == IMAGE[15 * 512:]
+    assert rig.memory.read(gpa + 512, 1) == bytes([S_OK])
+    assert rig.rings[0].used_elem(0) == (head, 513)
+
+
+def test_header_split_across_two_buffers(rig):
+    raw = header(T_IN, 7)
+    head, placed = serve(rig, [(raw[:5], False), (raw[5:], False), (512, True), (1, True)])
+    assert rig.memory.read(*placed[2]) == IMAGE[7 * 512:8 * 512]
+    assert status_of(rig, placed) == S_OK
+
+
+def test_indirect_request(memory, image):
+    rig = make_rig(memory, image, indirect=True)
+    try:
+        hdr = rig.buffer(header(T_IN, 1))
+        data = rig.buffer(size=512)
+        status = rig.buffer(size=1, fill=0xEE)
+        ring = rig.rings[0]
+        head = ring.add_indirect([(*hdr, False), (*data, True), (*status, True)])
+        rig.device.service(0)
+        assert memory.read(*data) == IMAGE[512:1024]
+        assert memory.read(*status) == bytes([S_OK])
+        assert ring.used_elem(0) == (head, 513)
+    finally:
+        rig.device.close()
+
+
+def test_several_requests_in_one_kick(rig):
+    heads = [rig.chain(0, [(header(T_IN, s), False), (512, True), (1, True)]) for s in (0, 9)]
+    rig.device.service(0)
+    ring = rig.rings[0]
+    assert ring.used_idx == 2
+    for n, (sector, (head, placed)) in enumerate(zip((0, 9), heads)):
+        assert ring.used_elem(n) == (head, 513)
+        assert rig.memory.read(*placed[1]) == IMAGE[sector * 512:(sector + 1) * 512]
+    assert rig.device.requests_served == 2
+
+
+# --- Writes.
+
+def test_write_puts_guest_data_in_the_file(rig, image):
+    new = bytes(range(256)) * 4                        # 1024 bytes, two sectors
+    head, placed = serve(rig, [(header(T_OUT, 4), False), (new[:100], False),
+                               (new[100:], False), (1, True)])
+    assert status_of(rig, placed) == S_OK
+    assert rig.rings[0].used_elem(0) == (head, 1)      # a write writes only the status
+    assert file_bytes(image) == IMAGE[:4 * 512] + new + IMAGE[6 * 512:]
+
+
+def test_write_then_read_back(rig):
+    new = b"\x5a" * 512
+    serve(rig, [(header(T_OUT, 0), False), (new, False), (1, True)])
+    _, placed = serve(rig, [(header(T_IN, 0), False), (512, True), (1, True)])
+    assert rig.memory.read(*placed[1]) == new
+
+
+# --- Flush and GET_ID.
+
+def test_flush_calls_fdatasync(rig, monkeypatch):
+    calls = []
+    monkeypatch.setattr(block.os, "fdatasync", calls.append)
+    head, placed = serve(rig, [(header(T_FLUSH), False), (1, True)])
+    assert calls == [rig.device.fd]
+    assert status_of(rig, placed) == S_OK
+    assert rig.rings[0].used_elem(0) == (head, 1)
+
+
+def test_flush_failure_is_ioerr(rig, monkeypatch):
+    def fail(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(block.os, "fdatasync", fail)
+    _, placed = serve(rig, [(header(T_FLUSH), False), (1, True)])
+    assert status_of(rig, placed) == S_IOERR
+
+
+def test_flush_is_offered(rig):
+    assert rig.device.host_features() >> 9 & 1          # VIRTIO_BLK_F_FLUSH
+
+
+def test_get_id(rig):
+    head, placed = serve(rig, [(header(T_GET_ID), False), (20, True), (1, True)])
+    assert rig.memory.read(*placed[1]) == b"block0" + bytes(14)
+    assert status_of(rig, placed) == S_OK
+    assert rig.rings[0].used_elem(0) == (head, 21)
+
+
+def test_get_id_into_a_short_buffer(rig):
+    head, placed = serve(rig, [(header(T_GET_ID), False), (4, True), (1, True)])
+    assert rig.memory.read(*placed[1]) == b"bloc"
+    assert rig.rings[0].used_elem(0) == (head, 5)
+
+
+def test_unknown_type_is_unsupp(rig, image):
+    head, placed = serve(rig, [(header(99), False), (512, True), (1, True)])
+    assert status_of(rig, placed) == S_UNSUPP
+    assert rig.rings[0].used_elem(0) == (head, 1)
+    assert file_bytes(image) == IMAGE
+    assert not rig.device.broken
+
+
+# --- Out of range: IOERR, the file untouched.
+
+@pytest.mark.parametrize("type_, sector, length", [
+    (T_IN, SECTORS, 512),              # the sector just past the end
+    (T_IN, SECTORS - 1, 1024),         # starts inside, runs past the end
+    (T_IN, (1 << 64) - 1, 512),        # sector + count overflows u64
+    (T_OUT, SECTORS, 512),
+    (T_OUT, SECTORS - 1, 1024),
+    (T_OUT, (1 << 64) - 1, 512),
+    (T_OUT, 0, 100),                   # not a multiple of 512 (spec 5.2.6.1)
+    (T_IN, 0, 100),
+])
+def test_out_of_range_is_ioerr_and_file_unchanged(rig, image, type_, sector, length):
+    data = (length, True) if type_ == T_IN else (b"\x77" * length, False)
+    head, placed = serve(rig, [(header(type_, sector), False), data, (1, True)])
+    assert status_of(rig, placed) == S_IOERR
+    assert rig.rings[0].used_elem(0) == (head, 1)
+    assert file_bytes(image) == IMAGE
+    if type_ == T_IN:
+        assert rig.memory.read(*placed[1]) == b"\xEE" * length   # nothing read in
+    assert not rig.device.broken
+
+
+def test_the_last_sector_is_in_range(rig):
+    _, placed = serve(rig, [(header(T_IN, SECTORS - 1), False), (512, True), (1, True)])
+    assert status_of(rig, placed) == S_OK
+
+
+# --- Read-only images.
+
+def test_read_only_write_is_ioerr_and_file_unchanged(memory, image):
+    rig = make_rig(memory, image, read_only=True)
+    try:
+        head, placed = serve(rig, [(header(T_OUT, 0), False), (b"\x11" * 512, False), (1, True)])
+        assert status_of(rig, placed) == S_IOERR
+        assert rig.rings[0].used_elem(0) == (head, 1)
+        assert file_bytes(image) == IMAGE
+        _, placed = serve(rig, [(header(T_IN, 2), False), (512, True), (1, True)])
+        assert status_of(rig, placed) == S_OK                   # reads still work
+        assert rig.memory.read(*placed[1]) == IMAGE[1024:1536]
+    finally:
+        rig.device.close()
+
+
+def test_ro_feature_only_when_read_only(image):
+    rw = BlockDevice("block0", str(image))
+    rw_features = rw.host_features()
+    rw.close()
+    ro = BlockDevice("block0", str(image), read_only=True)
+    ro_features = ro.host_features()
+    ro.close()
+    assert not rw_features >> F_RO & 1
+    assert ro_features >> F_RO & 1
+    assert rw_features | 1 << F_RO == ro_features
+
+
+# --- Config space (legacy struct virtio_blk_config).
+
+def test_config_capacity_in_sectors(tmp_path):
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(SECTORS * 512 + 100))        # a partial sector is not counted
+    device = BlockDevice("block0", str(path))
+    try:
+        config = device.config_space()
+    finally:
+        device.close()
+    assert struct.unpack_from("<Q", config, 0)[0] == SECTORS
+    assert len(config) == 24
+    assert struct.unpack_from("<I", config, 20)[0] == 512   # blk_size, after geometry
+
+
+# --- Chains that leave no way to answer: the device is broken.
+
+@pytest.mark.parametrize("buffers, words", [
+    ([(header(T_IN), False), (512, False)], "no status byte"),
+    ([(header(T_IN)[:8], False), (1, True)], "8-byte header"),
+    ([(1, True)], "0-byte header"),
+])
+def test_unanswerable_request_breaks_the_device(rig, buffers, words):
+    serve(rig, buffers)
+    assert rig.device.broken
+    assert rig.rings[0].used_idx == 0
+    (report,) = rig.reports
+    assert report.startswith("block0/requests: "), report
+    assert words in report and "block0 marked broken" in report
+    # A broken device serves nothing until the guest resets it.
+    serve(rig, [(header(T_IN), False), (512, True), (1, True)])
+    assert rig.rings[0].used_idx == 0
+
+
+def test_parse_keeps_data_and_status_apart(rig):
+    head, placed = rig.chain(0, [(header(T_IN, 2), False), (100, True), (413, True)])
+    chain = rig.device.queues[0].pop()
+    request = BlockRequest.parse(chain, rig.memory, "block0/requests")
+    assert (request.type, request.sector, request.data_len) == (T_IN, 2, 512)
+    assert request.status.gpa == placed[2][0] + 412 and request.status.length == 1
+    assert sum(b.length for b in request.data) == 512
+
+
+# --- Opening the image.
+
+def test_missing_image_is_a_usage_error(tmp_path):
+    path = tmp_path / "nope.img"
+    with pytest.raises(UsageError, match="nope.img"):
+        BlockDevice("block0", str(path))
+
+
+def test_image_in_use_read_write_is_refused(image):
+    first = BlockDevice("block0", str(image))
+    try:
+        with pytest.raises(UsageError, match="in use"):
+            BlockDevice("block1", str(image))
+        with pytest.raises(UsageError, match="in use"):
+            BlockDevice("block1", str(image), read_only=True)
+    finally:
+        first.close()
+    BlockDevice("block1", str(image)).close()            # released on close
+
+
+def test_read_only_images_can_be_shared(image):
+    a = BlockDevice("block0", str(image), read_only=True)
+    b = BlockDevice("block1", str(image), read_only=True)
+    try:
+        with pytest.raises(UsageError, match="in use"):
+            BlockDevice("block2", str(image))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_is_idempotent(image):
+    device = BlockDevice("block0", str(image))
+    device.close()
+    device.close()
+    assert device.fd == -1
+    assert os.path.exists(image)

@@ -1,0 +1,134 @@
+"""Device options: every user mistake is a one-line UsageError."""
+
+import os
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+
+from pylguest.devices.block import BlockDevice
+from pylguest.devices.console import ConsoleDevice
+from pylguest.devices.options import create_devices, parse_block, parse_console, parse_net
+from pylguest.devices.rng import RngDevice
+from pylguest.errors import UsageError
+
+
+def usage_error(call, *args):
+    with pytest.raises(UsageError) as info:
+        call(*args)
+    message = str(info.value)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+# --- --block
+
+@pytest.mark.parametrize("spec, expected", [
+    ("disk.img", ("disk.img", False)),
+    ("disk.img,ro", ("disk.img", True)),
+    ("/a/b c.img,ro", ("/a/b c.img", True)),
+])
+def test_parse_block(spec, expected):
+    assert parse_block(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", ",ro", "disk.img,rw", "disk.img,ro,sync", "disk.img,"])
+def test_parse_block_errors(spec):
+    assert "--block" in usage_error(parse_block, spec)
+
+
+# --- --net
+
+def test_parse_net_default_macs_differ_per_device():
+    name0, mac0 = parse_net("tap:pyl0", 0)
+    name1, mac1 = parse_net("tap:pyl1", 1)
+    assert (name0, mac0) == ("pyl0", bytes.fromhex("525400123456"))
+    assert (name1, mac1) == ("pyl1", bytes.fromhex("525400123457"))
+
+
+def test_parse_net_mac():
+    assert parse_net("tap:t,mac=02:00:00:AB:cd:01", 0) == ("t", bytes.fromhex("020000abcd01"))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("tap:", "--net"),
+    ("tap", "--net"),
+    ("tun:x", "--net"),
+    ("", "--net"),
+    ("tap:x,mtu=9000", "mtu=9000"),
+    ("tap:x,mac=52:54:00:12:34", "MAC"),            # five bytes
+    ("tap:x,mac=52:54:00:12:34:zz", "MAC"),
+    ("tap:x,mac=", "MAC"),
+    ("tap:x,mac=01:00:5e:00:00:01", "multicast"),
+])
+def test_parse_net_errors(spec, words):
+    assert words in usage_error(parse_net, spec, 0)
+
+
+# --- --console
+
+def test_parse_console():
+    assert parse_console("stdio") is None
+    assert parse_console("socket:/run/c.sock") == "/run/c.sock"
+
+
+@pytest.mark.parametrize("spec", ["", "socket:", "socket", "tty", "file:/x", "STDIO"])
+def test_parse_console_errors(spec):
+    assert "--console" in usage_error(parse_console, spec)
+
+
+# --- create_devices
+
+def config(console=None, block=(), net=(), rng=False):
+    return SimpleNamespace(console=console, block=list(block), net=list(net), rng=rng)
+
+
+class Output:
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+
+def test_create_devices_in_bus_order(tmp_path):
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    for image in images:
+        image.write_bytes(bytes(1024))
+    out = Output()
+    devices, socket_console = create_devices(
+        config(console="stdio", block=[f"{images[0]},ro", str(images[1])], rng=True), out)
+    try:
+        assert socket_console is None
+        assert [d.name for d in devices] == ["console0", "block0", "block1", "rng0"]
+        assert [type(d) for d in devices] == [ConsoleDevice, BlockDevice, BlockDevice, RngDevice]
+        assert devices[1].read_only and not devices[2].read_only
+        devices[0].output(b"to stdio")
+        assert out.written == [b"to stdio"]
+    finally:
+        for device in devices:
+            device.close()
+
+
+def test_create_devices_closes_what_it_opened_on_error(tmp_path):
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1024))
+    directory = tempfile.mkdtemp(prefix="pyl")
+    sock = os.path.join(directory, "c.sock")
+    try:
+        message = usage_error(create_devices, config(console=f"socket:{sock}",
+                                                     block=[str(image), str(tmp_path / "missing.img")]),
+                              Output())
+        assert "missing.img" in message
+        assert not os.path.exists(sock)            # the socket console was closed
+        BlockDevice("block0", str(image)).close()  # and block0 let go of its lock
+    finally:
+        if os.path.exists(sock):
+            os.unlink(sock)
+        os.rmdir(directory)
+
+
+def test_create_devices_bad_spec_is_usage_error(tmp_path):
+    usage_error(create_devices, config(block=["x.img,bogus"]), Output())
+    usage_error(create_devices, config(console="serial"), Output())
+    usage_error(create_devices, config(net=["vde:x"]), Output())

@@ -1,0 +1,147 @@
+"""`--console socket:PATH`: a unix-socket client is the console.
+
+Every wait is bounded (WAIT seconds); nothing sleeps for a fixed time.
+"""
+
+import os
+import queue
+import socket
+import tempfile
+import time
+
+import pytest
+
+from pylguest.devices.socket_backend import SocketConsole
+from pylguest.errors import UsageError
+
+WAIT = 5.0
+
+
+@pytest.fixture
+def path():
+    # AF_UNIX paths are short (108 bytes): a short directory of our own.
+    directory = tempfile.mkdtemp(prefix="pyl")
+    yield os.path.join(directory, "console.sock")
+    for name in os.listdir(directory):
+        os.unlink(os.path.join(directory, name))
+    os.rmdir(directory)
+
+
+@pytest.fixture
+def console(path):
+    received = queue.Queue()
+    sc = SocketConsole(path)
+    sc.start(received.put)
+    sc.received = received
+    yield sc
+    sc.close()
+
+
+def until(predicate):
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting")
+        time.sleep(0.005)
+
+
+def connect(path, console):
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(WAIT)
+    old = console.client
+    client.connect(path)
+    until(lambda: console.client is not None and console.client is not old)
+    return client
+
+
+def recv_exactly(client, n):
+    data = b""
+    while len(data) < n:
+        chunk = client.recv(n - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+def test_client_gets_the_output(console, path):
+    with connect(path, console) as client:
+        console.write(b"hello ")
+        console.write(b"world")
+        assert recv_exactly(client, 11) == b"hello world"
+
+
+def test_what_the_client_sends_reaches_receive(console, path):
+    with connect(path, console) as client:
+        client.sendall(b"typed")
+        got = b""
+        while len(got) < 5:
+            got += console.received.get(timeout=WAIT)
+        assert got == b"typed"
+
+
+def test_output_without_a_client_is_dropped(console, path):
+    console.write(b"nobody hears this")
+    with connect(path, console) as client:
+        console.write(b"now")
+        assert recv_exactly(client, 3) == b"now"
+
+
+def test_a_new_client_replaces_the_old(console, path):
+    first = connect(path, console)
+    second = connect(path, console)
+    try:
+        assert first.recv(10) == b""              # the old one was closed
+        console.write(b"to second")
+        assert recv_exactly(second, 9) == b"to second"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_client_going_away_is_forgotten(console, path):
+    client = connect(path, console)
+    client.close()
+    until(lambda: console.client is None)
+    console.write(b"into the void")               # must not raise
+    with connect(path, console) as again:
+        console.write(b"x")
+        assert recv_exactly(again, 1) == b"x"
+
+
+def test_client_reset_does_not_kill_the_console(console, path):
+    # Unread data in our socket when the client closes makes the kernel
+    # send a reset; the console must survive it and take the next client.
+    client = connect(path, console)
+    console.write(b"unread" * 1000)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    client.close()
+    until(lambda: console.client is None)
+    with connect(path, console) as again:
+        again.sendall(b"still here")
+        got = b""
+        while len(got) < 10:
+            got += console.received.get(timeout=WAIT)
+        assert got == b"still here"
+
+
+def test_stale_socket_is_replaced(path):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                                 # leaves the socket file behind
+    sc = SocketConsole(path)
+    sc.close()
+    assert not os.path.exists(path)               # close removes it
+
+
+def test_a_regular_file_is_never_deleted(path):
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(UsageError, match="--console socket:"):
+        SocketConsole(path)
+    with open(path) as f:
+        assert f.read() == "precious"
+
+
+def test_unbindable_path_is_a_usage_error():
+    with pytest.raises(UsageError, match="--console socket:/nonexistent-dir/x.sock"):
+        SocketConsole("/nonexistent-dir/x.sock")

@@ -1,0 +1,84 @@
+"""A device on plain memory, wired the way the bus wires it, with no KVM.
+
+The device tests (test_devices_*.py, test_bus.py) drive a VirtioDevice
+exactly as LguestBus does after install(): memory, report, interrupt and
+trace set by hand, one RingBuilder per queue playing the guest's driver.
+Buffers come from a data area of their own (`Allocator`), so two devices
+can share one GuestMemory without their rings and buffers overlapping.
+"""
+
+from pylguest.memory import GuestMemory, Region
+from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+                                   Virtqueue)
+from pylguest.virtio.testing import RingBuilder
+
+MEM_SIZE = 1 << 20
+
+
+def new_memory():
+    return GuestMemory([Region(0, MEM_SIZE, 0)])
+
+
+class Allocator:
+    """Bump allocation of guest buffers inside [start, end)."""
+
+    def __init__(self, memory, start, end):
+        self.memory, self.next, self.end = memory, start, end
+
+    def buffer(self, data=b"", size=None, fill=None):
+        """(gpa, length) of a buffer holding `data`, or `size` bytes of `fill`."""
+        size = len(data) if size is None else size
+        gpa = self.next
+        self.next = (gpa + size + 15) & ~15
+        assert self.next <= self.end, "test data area exhausted"
+        if data:
+            self.memory.write(gpa, data)
+        elif fill is not None:
+            self.memory.write(gpa, bytes([fill]) * size)
+        return gpa, size
+
+
+class DeviceRig:
+    """One device, its rings at `pfns`, its buffers in `data_area`."""
+
+    def __init__(self, device, memory, pfns, data_area, report=None):
+        self.device, self.memory = device, memory
+        self.reports = [] if report is None else report
+        self.interrupts = 0
+        device.memory = memory
+        device.report = self.reports.append
+        device.interrupt = self._interrupt
+        device.trace = None
+        self.pfns = list(pfns)
+        self.rings = [RingBuilder(memory, num, pfn)
+                      for num, pfn in zip(device.queue_sizes, self.pfns)]
+        self.data = Allocator(memory, *data_area)
+
+    def _interrupt(self):
+        self.interrupts += 1
+
+    def activate(self, features=0, event_idx=False, indirect=False):
+        """What the bus does on DRIVER_OK, with these features accepted."""
+        features |= (event_idx << VIRTIO_RING_F_EVENT_IDX
+                     | indirect << VIRTIO_RING_F_INDIRECT_DESC)
+        queues = [Virtqueue(self.memory, self.device.queue_label(i), num, pfn,
+                            event_idx=event_idx, indirect=indirect)
+                  for i, (num, pfn) in enumerate(zip(self.device.queue_sizes, self.pfns))]
+        self.device.activate(queues, features)
+        return queues
+
+    def buffer(self, data=b"", size=None, fill=None):
+        return self.data.buffer(data, size, fill)
+
+    def chain(self, index, buffers):
+        """Post [(data_or_size, writable), ...] on queue `index`; return
+        (head, [(gpa, length), ...])."""
+        placed = []
+        for what, writable in buffers:
+            if isinstance(what, int):
+                gpa, length = self.buffer(size=what, fill=0xEE)
+            else:
+                gpa, length = self.buffer(what)
+            placed.append((gpa, length, writable))
+        head = self.rings[index].add_chain(placed)
+        return head, [(gpa, length) for gpa, length, _ in placed]
