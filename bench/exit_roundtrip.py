@@ -1,0 +1,156 @@
+"""The exit round trip of a guest doing port writes, compared with the same
+loop written in C.
+
+Three launchers run a guest that does nothing but `out` to a port nobody in
+the kernel handles, so each write is a full round trip: guest -> KVM -> the
+launcher's run loop -> KVM -> guest. The figure is microseconds per exit.
+
+  C            bench/exit_roundtrip.c: ioctl(KVM_RUN) in a C loop, nothing else
+  KVM layer    the same real-mode loop through pylguest.kvm, each exit
+               dispatched through a PortBus as machine.py does
+  launcher     `python -m pylguest run guests/build/portloop.elf --cmdline
+               count=N`, timed against count=0, the difference divided by N
+
+Each figure is the best of 3 runs. Where KVM emulates guest kernel mode
+(design.md section 7) the exit itself is slow and the ratios are small;
+on hardware KVM the exit is cheap and the ratios show Python's share.
+
+    cd /work/main && PYTHONPATH=launcher python bench/exit_roundtrip.py [--count N]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+C_PROGRAM = os.path.join(BENCH, "build", "exit_roundtrip")
+PORTLOOP = os.path.join(ROOT, "guests", "build", "portloop.elf")
+REPEATS = 3
+
+# mov al, 0x41 ; l: out 0x80, al ; inc al ; jmp l   (as in tests/test_kvm.py)
+REAL_MODE_LOOP = bytes([0xB0, 0x41, 0xE6, 0x80, 0xFE, 0xC0, 0xEB, 0xFA])
+
+
+def build_c():
+    source = os.path.join(BENCH, "exit_roundtrip.c")
+    os.makedirs(os.path.dirname(C_PROGRAM), exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", C_PROGRAM, source], check=True)
+
+
+def c_us_per_exit(count):
+    out = subprocess.run([C_PROGRAM, str(count)], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.split()[0])
+
+
+class CountingPort:
+    """The device behind port 0x80: remembers how many writes it saw."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def io_out(self, offset, value):
+        self.writes += 1
+
+    def io_in(self, offset):
+        return 0xFF
+
+
+def python_us_per_exit(count):
+    """The real-mode loop through pylguest's KVM layer (tests/test_kvm.py's
+    RealModeVm), with the run loop body of machine.py's _exit_io."""
+    from pylguest._kvm import ffi, lib
+    from pylguest.kvm import Kvm
+    from pylguest.memory import GuestMemory, Region
+    from pylguest.ports import PortBus
+
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.create_irqchip()
+    memory = GuestMemory([Region(0, 1 << 20, 0)])
+    vm.set_memory_region(0, 0, 1 << 20, memory.host_address)
+    memory.write(0x1000, REAL_MODE_LOOP)
+    vcpu = vm.create_vcpu()
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = 0
+    sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = ffi.new("struct kvm_regs *")
+    regs.rip = 0x1000
+    regs.rflags = 2
+    vcpu.set_regs(regs)
+    device = CountingPort()
+    ports = PortBus()
+    ports.register(0x80, 1, "counter", device)
+    try:
+        vcpu.run()                              # first exit: faults pages in
+        start = time.perf_counter()
+        for _ in range(count):
+            if vcpu.run() != lib.KVM_EXIT_IO:
+                raise RuntimeError(f"unexpected exit {vcpu.kvm_run.exit_reason}")
+            io = vcpu.kvm_run.io
+            port, size = io.port, io.size
+            data = vcpu.io_data()
+            ports.io_out(port, size, int.from_bytes(data[0:size], "little"))
+        elapsed = time.perf_counter() - start
+    finally:
+        vcpu.close()
+        memory.close()
+        vm.close()
+        kvm.close()
+    assert device.writes == count
+    return elapsed / count * 1e6
+
+
+def launcher_seconds(count):
+    """Wall time of one whole launcher run of portloop with count=N."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "launcher"))
+    command = [sys.executable, "-m", "pylguest", "run", PORTLOOP,
+               "--cmdline", f"count={count}", "--timeout", "600"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0 or f"portloop: done {count}" not in done.stdout:
+        raise RuntimeError(f"portloop count={count} failed (status {done.returncode}):\n"
+                           f"{done.stdout}{done.stderr}")
+    return elapsed
+
+
+def launcher_us_per_exit(count):
+    base = min(launcher_seconds(0) for _ in range(REPEATS))
+    full = min(launcher_seconds(count) for _ in range(REPEATS))
+    return (full - base) / count * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20000, help="port writes per run")
+    args = parser.parse_args()
+
+    from pylguest.kvm import detect_kvm_kind
+    print(f"KVM: {detect_kvm_kind()}")
+    print(f"{args.count} port writes, best of {REPEATS}\n")
+
+    build_c()
+    c = min(c_us_per_exit(args.count) for _ in range(REPEATS))
+    py = min(python_us_per_exit(args.count) for _ in range(REPEATS))
+    try:
+        full, why = launcher_us_per_exit(args.count), None
+    except (RuntimeError, OSError) as e:        # report the rest even so
+        full, why = None, str(e)
+
+    print(f"{'':<22}{'us/exit':>9}{'x C':>8}")
+    print(f"{'C (KVM_RUN loop)':<22}{c:9.2f}{1:8.2f}")
+    print(f"{'Python KVM layer':<22}{py:9.2f}{py / c:8.2f}")
+    if full is None:
+        print(f"{'full launcher':<22}{'n/a':>9}\n\nlauncher not measured: {why}")
+    else:
+        print(f"{'full launcher':<22}{full:9.2f}{full / c:8.2f}")
+        print(f"\nlauncher / KVM layer: {full / py:.2f}")
+
+
+if __name__ == "__main__":
+    main()
