@@ -119,6 +119,7 @@ class LguestBus:
         for index, vq in enumerate(slot.vqs):
             kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             machine.vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
+            machine.hypercalls.kick_names[vq.pfn << 12] = device.queue_label(index)
             entry.kick_fds.append(kick_fd)
             entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
                                              on_kick=lambda i, e=entry: self.kicked(e, i)))

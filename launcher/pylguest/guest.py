@@ -34,10 +34,12 @@ class GuestTimeout(AssertionError):
 
 class Guest:
     def __init__(self, kernel, *, cmdline=None, initrd=None, mem=None, timeout=60.0,
-                 trace=False, extra_args=(), env=None):
+                 trace=False, extra_args=(), env=None, wrapper=()):
+        """`extra_args` are more `pylguest run` options (--block, --net, ...);
+        `wrapper` is a command prefix, e.g. ("ip", "netns", "exec", "ns1")."""
         self.timeout = float(timeout)
-        self.argv = [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
-                     "--timeout", f"{self.timeout:g}"]
+        self.argv = list(wrapper) + [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
+                                     "--timeout", f"{self.timeout:g}"]
         if cmdline is not None:
             self.argv += ["--cmdline", cmdline]
         if initrd is not None:

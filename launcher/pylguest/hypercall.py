@@ -37,6 +37,7 @@ class HypercallPage:
         self.console = console          # has .write(bytes)
         self.report = report            # report(message): a guest error
         self.notify_targets = {}        # guest address -> callable(addr)
+        self.kick_names = {}            # vring address -> "block0/requests", for --trace
 
     def contains(self, gpa):
         return self.base <= gpa < self.base + self.size
@@ -81,6 +82,9 @@ class HypercallPage:
             name = getattr(self.notify_targets.get(value), "trace_name", None)
             if name:
                 return f"LHCALL_NOTIFY(0x{value:x}) {name}"
+            if value in self.kick_names:
+                # Only when the ioeventfd missed it (not an 8-byte store).
+                return f"LHCALL_NOTIFY(0x{value:x}) kick {self.kick_names[value]} (exited!)"
             if value < self.ram_top:
                 return f"LHCALL_NOTIFY(0x{value:x}) early console"
             return f"LHCALL_NOTIFY(0x{value:x}) bad address"

@@ -90,7 +90,7 @@ def decompress(payload: bytes, name: str) -> bytes:
 
 def _too_big(name: str, fmt: str) -> BootError:
     return BootError(f"{name}: the {fmt} payload expands to more than "
-                     f"{MAX_OUTPUT >> 20} MiB; refusing it")
+                     f"{MAX_OUTPUT} bytes; refusing it")
 
 
 def _truncated(name: str, fmt: str) -> BootError:
