@@ -36,6 +36,7 @@ test: install guests
 bench: install guests
 	$(PYTHON) bench/exit_roundtrip.py
 	$(PYTHON) bench/hello_cost.py
+	$(PYTHON) bench/block_throughput.py
 
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:
