@@ -30,7 +30,7 @@ guests:
 hello: install guests
 	$(PYLGUEST) run guests/build/hello.elf --cmdline "exit=0" --timeout 60
 
-test: install guests
+test: install guests debian-kernel
 	$(PYTHON) -m pytest -q tests
 
 bench: install guests

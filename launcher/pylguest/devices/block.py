@@ -125,7 +125,7 @@ class BlockDevice(VirtioDevice):
 
     def process(self, index, vq):
         pushed = False
-        while (chain := vq.pop()) is not None:
+        while (chain := vq.pop_with_notify()) is not None:
             request = BlockRequest.parse(chain, self.memory, self.queue_label(index))
             status, written = self.execute(request)
             self.memory.write(request.status.gpa, bytes([status]))

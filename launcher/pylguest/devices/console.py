@@ -40,7 +40,7 @@ class ConsoleDevice(VirtioDevice):
 
     def _transmit(self, vq):
         pushed = False
-        while (chain := vq.pop()) is not None:
+        while (chain := vq.pop_with_notify()) is not None:
             self.output(chain.read_all(self.memory))
             vq.push(chain, 0)
             pushed = True
@@ -48,7 +48,7 @@ class ConsoleDevice(VirtioDevice):
 
     def _deliver(self, vq):
         pushed = False
-        while self.pending and (chain := vq.pop()) is not None:
+        while self.pending and (chain := vq.pop_with_notify()) is not None:
             written = chain.write(self.memory, bytes(self.pending))
             del self.pending[:written]
             vq.push(chain, written)

@@ -101,7 +101,7 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self, vq):
         pushed = False
-        while (chain := vq.pop()) is not None:
+        while (chain := vq.pop_with_notify()) is not None:
             views = [self.memory.view(b.gpa, b.length) for b in chain.readable]
             try:
                 os.writev(self.tap, views)
@@ -153,7 +153,7 @@ class NetDevice(VirtioDevice):
                 # Only this thread reads the tap, so a frame seen here is
                 # still there when we read it: no chain is popped in vain.
                 while self._tap_has_frame():
-                    chain = vq.pop()
+                    chain = vq.pop_with_notify()
                     if chain is None:
                         have_buffers = False
                         break

@@ -26,7 +26,7 @@ class RngDevice(VirtioDevice):
 
     def process(self, index, vq):
         pushed = False
-        while (chain := vq.pop()) is not None:
+        while (chain := vq.pop_with_notify()) is not None:
             wanted = min(chain.writable_len, MAX_BYTES_PER_REQUEST)
             written = chain.write(self.memory, os.read(self.fd, wanted)) if wanted else 0
             vq.push(chain, written)
