@@ -22,3 +22,13 @@ def kvm_available():
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("/dev/kvm is not usable here (tests that run a guest need it)")
     return True
+
+
+@pytest.fixture
+def memory():
+    """1 MiB of plain guest memory for device tests (tests/virtio_rig.py);
+    test_memory.py and test_boot_loader.py define memories of their own."""
+    from virtio_rig import new_memory
+    mem = new_memory()
+    yield mem
+    mem.close()

@@ -10,7 +10,7 @@ import os
 import struct
 
 import pytest
-from virtio_rig import DeviceRig, new_memory
+from virtio_rig import DeviceRig
 
 from pylguest.devices import block
 from pylguest.devices.block import BlockDevice, BlockRequest
@@ -35,13 +35,6 @@ def image(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(IMAGE)
     return path
-
-
-@pytest.fixture
-def memory():
-    mem = new_memory()
-    yield mem
-    mem.close()
 
 
 def make_rig(memory, path, read_only=False, **activate):

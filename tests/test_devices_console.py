@@ -1,7 +1,7 @@
 """The virtio console (virtio spec 5.3): transmitq to the output, input to receiveq."""
 
 import pytest
-from virtio_rig import DeviceRig, new_memory
+from virtio_rig import DeviceRig
 
 from pylguest.devices import console
 from pylguest.devices.console import ConsoleDevice
@@ -9,13 +9,6 @@ from pylguest.devices.console import ConsoleDevice
 RECEIVEQ, TRANSMITQ = 0, 1                  # spec 5.3.2: port 0's receiveq, transmitq
 PFNS = [0x10, 0x12]
 DATA_AREA = (0x20000, 0xF0000)
-
-
-@pytest.fixture
-def memory():
-    mem = new_memory()
-    yield mem
-    mem.close()
 
 
 @pytest.fixture

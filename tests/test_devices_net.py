@@ -14,7 +14,7 @@ import struct
 import time
 
 import pytest
-from virtio_rig import DeviceRig, new_memory
+from virtio_rig import DeviceRig
 
 from pylguest.devices.net import NetDevice, parse_mac
 from pylguest.errors import UsageError
@@ -44,13 +44,6 @@ def interface_up(name):
         ifreq = struct.pack("16sH22x", name.encode(), 0)
         flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
-
-
-@pytest.fixture
-def memory():
-    mem = new_memory()
-    yield mem
-    mem.close()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The virtio entropy device (virtio spec 5.4)."""
 
 import pytest
-from virtio_rig import DeviceRig, new_memory
+from virtio_rig import DeviceRig
 
 from pylguest.devices import rng
 from pylguest.devices.rng import RngDevice
@@ -10,13 +10,6 @@ from pylguest.virtio.testing import fill_pattern
 PFN = 0x10
 DATA_AREA = (0x20000, 0xF0000)
 SOURCE = fill_pattern(200_000, seed=11)
-
-
-@pytest.fixture
-def memory():
-    mem = new_memory()
-    yield mem
-    mem.close()
 
 
 @pytest.fixture
