@@ -107,7 +107,8 @@ class BlockDevice(VirtioDevice):
             fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
-            raise UsageError(f"--block {path}: the image is in use by another process") from None
+            raise UsageError(f"--block {path}: the image is already in use (another launcher, "
+                             "or the same image given twice)") from None
         size = os.fstat(self.fd).st_size
         self.capacity = size // SECTOR_SIZE          # in sectors
         self.requests_served = 0
