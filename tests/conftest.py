@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -32,3 +33,12 @@ def memory():
     mem = new_memory()
     yield mem
     mem.close()
+
+
+def wait_until(predicate, timeout):
+    """Poll `predicate` until it holds; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting")
+        time.sleep(0.005)

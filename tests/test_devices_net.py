@@ -11,9 +11,10 @@ import fcntl
 import os
 import socket
 import struct
-import time
 
 import pytest
+
+from conftest import wait_until
 from virtio_rig import DeviceRig
 
 from pylguest.devices.net import NetDevice, parse_mac
@@ -68,11 +69,7 @@ def rig(memory):
 
 
 def until(predicate):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting")
-        time.sleep(0.005)
+    wait_until(predicate, WAIT)
 
 
 def test_config_and_features_without_a_tap():

@@ -7,9 +7,10 @@ import os
 import queue
 import socket
 import tempfile
-import time
 
 import pytest
+
+from conftest import wait_until
 
 from pylguest.devices.socket_backend import SocketConsole
 from pylguest.errors import UsageError
@@ -38,11 +39,7 @@ def console(path):
 
 
 def until(predicate):
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting")
-        time.sleep(0.005)
+    wait_until(predicate, WAIT)
 
 
 def connect(path, console):

@@ -1,7 +1,5 @@
 """The KVM layer: kind detection, ioctl errors, and a vCPU running real code."""
 
-import errno
-import os
 import signal
 import threading
 import time

@@ -19,34 +19,27 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from pylguest import layout, stop
+from pylguest import i8042, layout, stop, uart
 from pylguest._kvm import ffi, lib
-from pylguest.boot import loader
+from pylguest.boot import loader, x86
 from pylguest.boot.bootparams import build_boot_params
 from pylguest.boot.e820 import build_e820
-from pylguest.boot import x86
 from pylguest.bus import LguestBus
+from pylguest.console_output import ConsoleOutput
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.options import create_devices
 from pylguest.emulate import complete_refused_instruction, instruction_bytes
 from pylguest.errors import UsageError
 from pylguest.hypercall import HypercallPage
-from pylguest.i8042 import I8042
-from pylguest import i8042
 from pylguest.kvm import Kvm, detect_kvm_kind
 from pylguest.kvm.cpuid import guest_cpuid
 from pylguest.memory import GuestMemory, plan_regions
 from pylguest.ports import PortBus
-from pylguest.trace import Tracer
-from pylguest.console_output import ConsoleOutput
 from pylguest.terminal import InputReader
-from pylguest.uart import Uart8250
+from pylguest.trace import Tracer
 
 MiB = 1 << 20
 DEFAULT_MEM = 256 * MiB
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-UART_REGISTER_NAMES = ("THR/RBR", "IER", "IIR/FCR", "LCR", "MCR", "LSR", "MSR", "SCR")
 
 # What Linux must be told on the emulating KVM of design.md section 7: the
 # CPUID bits it would act on leak through whatever KVM_SET_CPUID2 says.
@@ -85,6 +78,8 @@ def _read_file(path, what):
 class Machine:
     def __init__(self, config):
         self.config = config
+        self._requested_stop = None        # set by request_stop(), from any thread
+        self.exit_counts = {}              # KVM exit reason (None: EINTR) -> count
         if not layout.MIN_MEM <= config.mem <= layout.MAX_MEM:
             raise UsageError(f"--mem {config.mem // MiB} MiB is outside "
                              f"{layout.MIN_MEM // MiB} MiB .. {layout.MAX_MEM // MiB} MiB")
@@ -102,8 +97,6 @@ class Machine:
         self._boot(kernel_image, initrd_image)
         self._create_vcpu()
         self._attach_devices()
-        self._requested_stop = None
-        self.exit_counts = {}              # KVM exit reason (None: EINTR) -> count
 
     # -- 1 and 2: the VM and its memory ------------------------------------
 
@@ -182,11 +175,13 @@ class Machine:
     # -- 5: the devices we emulate --------------------------------------------
 
     def _attach_devices(self):
-        self.uart = Uart8250(lambda level: self.vm.irq_line(COM1_IRQ, level), self.console)
+        self.uart = uart.Uart8250(lambda level: self.vm.irq_line(uart.COM1_IRQ, level),
+                                  self.console)
         self.ports = PortBus()
-        self.ports.register(COM1_PORT, 8, "uart", self.uart, UART_REGISTER_NAMES)
+        self.ports.register(uart.COM1_PORT, uart.PORT_COUNT, "uart", self.uart,
+                            uart.REGISTER_NAMES)
         self.ports.register(i8042.BASE_PORT, i8042.PORT_COUNT, "i8042",
-                            I8042(lambda: stop.reboot("i8042 reset (0xFE to port 0x64)")),
+                            i8042.I8042(lambda: stop.reboot("i8042 reset (0xFE to port 0x64)")),
                             i8042.REGISTER_NAMES)
         self.hypercalls = HypercallPage(self.memory, self.ram_top, self.console,
                                         self.report_guest_error)

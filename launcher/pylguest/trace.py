@@ -7,11 +7,14 @@ and what it meant:
     [  0.004190] io  in  0x3fd uart.LSR -> 0x60
     [  0.010002] mmio write 0xfeb00008 LHCALL_SHUTDOWN(status 3)
 
+The device bus adds status changes, kicks and interrupts by device and
+queue name (`status block0: 0x07 (...)`, `kick  block0/requests`, `irq   block0/requests`).
 Tracing costs nothing when off: the run loop only calls a Tracer if there
 is one.
 """
 
 import sys
+import threading
 import time
 
 
@@ -23,11 +26,14 @@ class Tracer:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
+        # The vCPU thread and every queue worker trace: one line at a time.
+        self._lock = threading.Lock()
 
     def line(self, text):
         elapsed = time.monotonic() - self.start
-        self.stream.write(f"[{elapsed:12.6f}] {text}\n")
-        self.stream.flush()
+        with self._lock:
+            self.stream.write(f"[{elapsed:12.6f}] {text}\n")
+            self.stream.flush()
 
     def io_out(self, port, size, value, name):
         self.line(f"io  out 0x{port:x} {name} = 0x{value:0{2 * size}x}{_printable(value)}")

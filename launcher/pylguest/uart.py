@@ -61,6 +61,8 @@ MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
+# For --trace: a register's name by offset (reads and writes share a port).
+REGISTER_NAMES = ("THR/RBR", "IER", "IIR/FCR", "LCR", "MCR", "LSR", "MSR", "SCR")
 
 IER_RDI = 0x01           # interrupt when received data is available
 IER_THRI = 0x02          # interrupt when the transmit holding register is empty

@@ -10,7 +10,6 @@ Only the fields a 64-bit boot needs are written; the rest stays zero.
 
 import struct
 
-from pylguest import layout
 from pylguest.boot.e820 import E820_MAX_ENTRIES
 
 # Offsets into boot_params (arch/x86/include/uapi/asm/bootparam.h).

@@ -12,7 +12,6 @@ Where the bytes go is the backend's business: stdio (the launcher's own
 terminal, shared with the UART) or a unix socket (socket_backend.py).
 """
 
-import threading
 
 from pylguest.virtio.device import VirtioDevice
 
