@@ -285,19 +285,27 @@ class Machine:
         io = self.vcpu.kvm_run.io
         port, size, count = io.port, io.size, io.count
         data = self.vcpu.io_data()
-        result = None
         if io.direction == lib.KVM_EXIT_IO_OUT:
-            for i in range(count):
-                value = int.from_bytes(data[i * size:(i + 1) * size], "little")
+            if size == 1 and count == 1:          # the common case: one byte out
                 if self.tracer:
-                    self.tracer.io_out(port, size, value, self.ports.describe(port))
-                result = self.ports.io_out(port, size, value) or result
-        else:
-            for i in range(count):
-                value = self.ports.io_in(port, size)
-                data[i * size:(i + 1) * size] = value.to_bytes(size, "little")
-                if self.tracer:
-                    self.tracer.io_in(port, size, value, self.ports.describe(port))
+                    self.tracer.io_out(port, 1, data[0], self.ports.describe(port))
+                return self.ports.io_out(port, 1, data[0])
+            return self._string_out(port, size, count, data)
+        for i in range(count):
+            value = self.ports.io_in(port, size)
+            data[i * size:(i + 1) * size] = value.to_bytes(size, "little")
+            if self.tracer:
+                self.tracer.io_in(port, size, value, self.ports.describe(port))
+        return None
+
+    def _string_out(self, port, size, count, data):
+        """A wider `out`, or `rep outs`: every item, in order."""
+        result = None
+        for i in range(count):
+            value = int.from_bytes(data[i * size:(i + 1) * size], "little")
+            if self.tracer:
+                self.tracer.io_out(port, size, value, self.ports.describe(port))
+            result = self.ports.io_out(port, size, value) or result
         return result
 
     def _exit_mmio(self):
