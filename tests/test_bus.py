@@ -17,7 +17,7 @@ from pylguest.devices.rng import RngDevice
 from pylguest.virtio.device import VirtioDevice
 from pylguest.virtio.queue import (DESC_DTYPE, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                                    vring_size)
-from pylguest.virtio.testing import RingBuilder, fill_pattern
+from pylguest.virtio.testing import RingBuilder, fill_pattern, link_table
 
 RAM_TOP = 0x40000                     # the device page; rings from pfn 0x41
 ACK, DRIVER, DRIVER_OK, FAILED = 1, 2, 4, 0x80
@@ -350,12 +350,7 @@ def _readable_after_writable(ring, alloc):
 def _total_length_overflow(ring, alloc):
     count = 4097                                     # 4097 x 1 MiB > 2^32
     gpa = alloc(count * DESC_SIZE)
-    table = ring.memory.array(gpa, DESC_DTYPE, count)
-    table["addr"] = 0
-    table["len"] = MEM_SIZE
-    table["flags"] = NEXT
-    table["next"][:-1] = range(1, count)
-    table["flags"][-1] = 0
+    link_table(ring.memory.array(gpa, DESC_DTYPE, count), MEM_SIZE)
     ring.set_desc(0, gpa, count * DESC_SIZE, INDIRECT)
     ring.publish(0)
 

@@ -15,7 +15,7 @@ from pylguest.virtio.queue import (
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
     Buffer, DescriptorChain, Virtqueue, VirtqueueError, vring_addresses,
     vring_need_event, vring_size)
-from pylguest.virtio.testing import RingBuilder, fill_pattern
+from pylguest.virtio.testing import RingBuilder, fill_pattern, link_table
 
 NAME = "block0/requests"
 NUM = 8
@@ -199,11 +199,7 @@ def test_total_length_overflows_u32(ring, memory):
     queue = Virtqueue(memory, NAME, NUM, PFN, indirect=True)
     count = 4097
     table_gpa, table = ring.indirect_table(count)
-    table["addr"] = 0
-    table["len"] = MEM_SIZE
-    table["flags"] = NEXT
-    table["next"][:-1] = range(1, count)
-    table["flags"][-1] = 0
+    link_table(table, MEM_SIZE)
     ring.set_desc(0, table_gpa, count * DESC_SIZE, INDIRECT)
     ring.publish(0)
     rejected(queue, "longer than 2^32 - 1 bytes", "overflow u32")

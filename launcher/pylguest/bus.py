@@ -66,6 +66,8 @@ class LguestBus:
         self.area_size = PAGE_SIZE + sum(
             ring_pages(num) * PAGE_SIZE for d in self.devices for num in d.queue_sizes)
         self.entries = []
+        # The page layout does not depend on where RAM ends, so check now,
+        # while a failure is still the user's one-line error, not at install.
         try:
             self._plan(0)
         except ValueError as e:
@@ -137,7 +139,7 @@ class LguestBus:
             elif status & STATUS_FAILED:
                 self.report(f"{device.name}: the guest's driver set FAILED; resetting the device")
                 self._reset(entry)
-            elif status & STATUS_DRIVER_OK and not entry.active:
+            elif status & STATUS_DRIVER_OK and not entry.active and not device.broken:
                 self._activate(entry)
         return None
 

@@ -314,12 +314,12 @@ class Machine:
         data = bytes(ffi.buffer(mmio.data, length))
         if not self.hypercalls.contains(gpa):
             if self.tracer:
-                self.tracer.mmio(gpa, mmio.is_write, data, "unclaimed")
+                self.tracer.mmio(gpa, mmio.is_write, "unclaimed")
             if not mmio.is_write:
                 ffi.buffer(mmio.data, length)[:] = b"\xff" * length
             return None
         if self.tracer:
-            self.tracer.mmio(gpa, mmio.is_write, data, self.hypercalls.describe(gpa, data))
+            self.tracer.mmio(gpa, mmio.is_write, self.hypercalls.describe(gpa, data))
         if mmio.is_write:
             return self.hypercalls.mmio_write(gpa, data)
         ffi.buffer(mmio.data, length)[:] = bytes(length)

@@ -41,7 +41,7 @@ class Tracer:
     def io_in(self, port, size, value, name):
         self.line(f"io  in  0x{port:x} {name} -> 0x{value:0{2 * size}x}")
 
-    def mmio(self, gpa, is_write, data, meaning):
+    def mmio(self, gpa, is_write, meaning):
         verb = "write" if is_write else "read "
         self.line(f"mmio {verb} 0x{gpa:x} {meaning}")
 

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 from pylguest import layout
 from pylguest.boot import bootparams
-from pylguest.boot.bzimage import is_bzimage, parse_bzimage
+from pylguest.boot.bzimage import ENTRY64_OFFSET, is_bzimage, parse_bzimage
 from pylguest.boot.decompress import decompress, detect_format
 from pylguest.boot.elf import is_elf, parse_elf64
 from pylguest.errors import BootError, GuestMemoryError
 
 PAGE = 4096
-ENTRY64_OFFSET = 0x200
 
 
 @dataclass(frozen=True)
@@ -38,21 +37,28 @@ class LoadedKernel:
     end: int                   # first byte after everything the kernel occupies
     setup_header: bytes        # to copy into boot_params at 0x1f1
     linux: bool                # a Linux kernel (rather than a teaching guest)
+    cmdline_size: int          # the header's limit on the command line
+    initrd_addr_max: int       # the highest address the initrd may reach
 
 
-def _header_field(header, offset, size):
-    start = offset - bootparams.SETUP_HEADER
-    return int.from_bytes(header[start:start + size], "little")
+# What boot.rst says a loader must assume when the header leaves them 0
+# (cmdline_size before protocol 2.06, initrd_addr_max before 2.03).
+DEFAULT_CMDLINE_SIZE = 255
+DEFAULT_INITRD_ADDR_MAX = 0x37FFFFFF
+
+
+def _limits(header):
+    """(cmdline_size, initrd_addr_max) from a bzImage's SetupHeader, or the
+    ones synthetic_setup_header() promises an ELF guest."""
+    if header is None:
+        return bootparams.SYNTHETIC_CMDLINE_SIZE, bootparams.SYNTHETIC_INITRD_ADDR_MAX
+    return (header.cmdline_size or DEFAULT_CMDLINE_SIZE,
+            header.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX)
 
 
 def cmdline_limit(kernel):
     """The longest command line (without its NUL) this kernel accepts."""
-    return min(_header_field(kernel.setup_header, bootparams.CMDLINE_SIZE, 4)
-               or bootparams.SYNTHETIC_CMDLINE_SIZE, layout.CMDLINE_MAX - 1)
-
-
-def initrd_addr_max(kernel):
-    return _header_field(kernel.setup_header, bootparams.INITRD_ADDR_MAX, 4) or 0x37FFFFFF
+    return min(kernel.cmdline_size, layout.CMDLINE_MAX - 1)
 
 
 def _place(memory, ram_top, name, what, addr, data, memsz=None):
@@ -70,15 +76,19 @@ def _place(memory, ram_top, name, what, addr, data, memsz=None):
         raise BootError(f"{name}: {what}: {e}") from None
 
 
-def load_elf(memory, ram_top, data, name, setup_header=None, kind="ELF"):
+def load_elf(memory, ram_top, data, name, header=None, kind="ELF"):
+    """Load an ELF64; `header` is the SetupHeader of the bzImage it came
+    from, if any (its limits and bytes then go to the kernel)."""
     image = parse_elf64(data, name)
     end = 0
     for segment in image.segments:
         _place(memory, ram_top, name, "segment", segment.paddr, segment.data, segment.memsz)
         end = max(end, segment.paddr + segment.memsz)
+    cmdline_size, initrd_max = _limits(header)
     return LoadedKernel(entry=image.entry, kind=kind, end=end,
-                        setup_header=setup_header or bootparams.synthetic_setup_header(),
-                        linux=b"Linux version " in data)
+                        setup_header=header.raw if header else bootparams.synthetic_setup_header(),
+                        linux=b"Linux version " in data,
+                        cmdline_size=cmdline_size, initrd_addr_max=initrd_max)
 
 
 def load_bzimage(memory, ram_top, data, name, host_decompress):
@@ -89,18 +99,19 @@ def load_bzimage(memory, ram_top, data, name, host_decompress):
         vmlinux = decompress(payload, name)
         if not is_elf(vmlinux):
             raise BootError(f"{name}: the {fmt} payload does not hold an ELF vmlinux")
-        return load_elf(memory, ram_top, vmlinux, name, setup_header=image.header.raw,
+        return load_elf(memory, ram_top, vmlinux, name, header=image.header,
                         kind=f"bzImage, host-decompressed ({fmt}) vmlinux")
     # The decompressor needs init_size bytes from the load address, not
     # just the image itself: it unpacks the kernel in place.
     occupied = max(len(image.protected_mode), image.header.init_size)
     _place(memory, ram_top, name, "protected-mode kernel", layout.KERNEL_ADDR,
            image.protected_mode, occupied)
+    cmdline_size, initrd_max = _limits(image.header)
     return LoadedKernel(entry=layout.KERNEL_ADDR + ENTRY64_OFFSET,
-                        kind=f"bzImage, protocol {image.header.version >> 8}."
-                             f"{image.header.version & 0xff:02d}, 64-bit entry",
+                        kind=f"bzImage, protocol {image.header.protocol}, 64-bit entry",
                         end=layout.KERNEL_ADDR + occupied,
-                        setup_header=image.header.raw, linux=True)
+                        setup_header=image.header.raw, linux=True,
+                        cmdline_size=cmdline_size, initrd_addr_max=initrd_max)
 
 
 def load_kernel(memory, ram_top, data, name, host_decompress):
@@ -115,7 +126,7 @@ def load_initrd(memory, low_ram_top, data, name, kernel):
     """Put the initrd as high as the kernel allows, page aligned, and return
     (address, size).  Linux reads it in place, so it must not overlap the
     kernel, and must end below initrd_addr_max."""
-    limit = min(low_ram_top, initrd_addr_max(kernel) + 1)
+    limit = min(low_ram_top, kernel.initrd_addr_max + 1)
     addr = (limit - len(data)) & ~(PAGE - 1)
     if addr < kernel.end:
         raise BootError(f"{name}: an initrd of {len(data)} bytes does not fit between the "

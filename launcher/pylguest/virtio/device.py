@@ -75,7 +75,6 @@ class VirtioDevice(abc.ABC):
     def activate(self, queues, guest_features):
         self.queues = queues
         self.guest_features = guest_features
-        self.broken = None
 
     def reset(self):
         self.queues = []

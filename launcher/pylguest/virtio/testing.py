@@ -124,6 +124,17 @@ class RingBuilder:
         self.avail[2 + self.num] = value & U16
 
 
+def link_table(table, length):
+    """Fill a descriptor `table` with one chain of len(table) buffers of
+    `length` bytes at address 0 (4097 of 1 MiB: a chain past 2^32 bytes)."""
+    count = len(table)
+    table["addr"] = 0
+    table["len"] = length
+    table["flags"] = VRING_DESC_F_NEXT
+    table["next"][:-1] = range(1, count)
+    table["flags"][-1] = 0
+
+
 def fill_pattern(length, seed=0):
     """Deterministic, recognisable bytes for scatter/gather tests."""
     return ((np.arange(length, dtype=np.uint32) * 7 + seed) & 0xFF).astype(np.uint8).tobytes()
