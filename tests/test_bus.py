@@ -238,6 +238,18 @@ def test_unoffered_feature_is_refused(guest):
     assert entry.active and not guest.block.broken
 
 
+def test_only_a_reset_brings_a_refused_device_back(guest):
+    entry = guest.entry["block0"]
+    guest.start("block0", 1 << 1)                              # refused
+    # The guest quietly fixes its features and sets DRIVER_OK again,
+    # without the reset that "marked broken until the guest resets it" asks for.
+    guest.set_features("block0", F_BLK_FLUSH)
+    guest.set_status("block0", ACK | DRIVER | DRIVER_OK)
+    assert not entry.active and guest.block.broken
+    guest.start("block0", F_BLK_FLUSH)                         # status 0 first: it starts
+    assert entry.active and not guest.block.broken
+
+
 def test_host_features_in_the_page_are_not_trusted(guest):
     entry = guest.entry["block0"]
     slot = entry.slot
