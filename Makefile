@@ -1,17 +1,21 @@
-# `make` sets up everything on a fresh machine and runs the hello guest;
-# `make test` runs the test suite.
+# `make` sets up everything on a fresh machine (packages, the Python package,
+# the teaching guests, pylguest's Linux kernel and initramfs) and runs a
+# guest of each kind; `make test` runs the test suite.
 PYTHON ?= python3
 PYLGUEST = $(PYTHON) -m pylguest
 
 # Debian packages: a C toolchain and the KVM headers for the cffi module
 # and the guests; the compressors the decompression tests use; busybox and
-# cpio for initramfs images; iproute2 for the network tests.
+# cpio for initramfs images; iproute2 for the network tests; what a kernel
+# build needs (flex, bison, bc, libelf, patch); e2fsprogs for the disk
+# images the Linux tests make and read back.
 APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
-	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2
+	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2 \
+	flex bison bc libelf-dev libssl-dev patch e2fsprogs
 
-.PHONY: all deps install guests hello test bench debian-kernel clean
+.PHONY: all deps install guests hello linux linux-hello test bench debian-kernel clean
 
-all: deps install guests hello
+all: deps install guests hello linux linux-hello
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -30,7 +34,19 @@ guests:
 hello: install guests
 	$(PYLGUEST) run guests/build/hello.elf --cmdline "exit=0" --timeout 60
 
-test: install guests debian-kernel
+# pylguest's Linux: Debian's 6.1 source, tinyconfig plus guests/linux/, and
+# the lguest bus driver built in (tools/build_linux.py; cached under
+# ~/.cache/pylguest, so only the first build takes minutes), and the busybox
+# initramfs whose init runs `-- CMD` (tools/mkinitramfs.py).
+linux: deps install
+	$(PYTHON) tools/build_linux.py build/linux
+	$(PYTHON) tools/mkinitramfs.py build/linux/initramfs.cpio
+
+linux-hello: linux
+	$(PYLGUEST) run build/linux/bzImage --initrd build/linux/initramfs.cpio \
+		--timeout 300 -- uname -sr
+
+test: install guests linux debian-initramfs
 	$(PYTHON) -m pytest -q tests
 
 bench: install guests
@@ -41,6 +57,15 @@ bench: install guests
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:
 	$(PYTHON) tools/fetch_debian_kernel.py downloads/debian-kernel
+
+# An initramfs for that kernel: our lguest bus driver built against its
+# headers, and its own virtio modules (tools/module_initramfs.py).
+DEBIAN_KERNEL = downloads/debian-kernel
+.PHONY: debian-initramfs
+debian-initramfs: debian-kernel
+	$(PYTHON) tools/module_initramfs.py build/debian/initramfs.cpio \
+		--kdir $(DEBIAN_KERNEL)/headers/usr/src/linux-headers-$$(cat $(DEBIAN_KERNEL)/VERSION) \
+		--modules $(DEBIAN_KERNEL)/modules
 
 clean:
 	$(MAKE) -C guests clean

@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -42,3 +44,26 @@ def wait_until(predicate, timeout):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting")
         time.sleep(0.005)
+
+
+@pytest.fixture
+def namespace_with_tap():
+    """A network namespace holding tap pylguest0 at 10.0.2.2/24; a launcher
+    run inside it (wrapper=["ip", "netns", "exec", ns]) attaches to the tap."""
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` tool (iproute2) is not installed: run `make deps`")
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("creating a network namespace and a tap needs root and /dev/net/tun")
+    ns, tap = f"pylguest{os.getpid()}", "pylguest0"
+
+    def ip(*args):
+        subprocess.run(["ip", "netns", "exec", ns, "ip", *args], check=True, timeout=30)
+
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        ip("tuntap", "add", "dev", tap, "mode", "tap")
+        ip("addr", "add", "10.0.2.2/24", "dev", tap)
+        ip("link", "set", tap, "up")
+        yield ns, tap
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=30)

@@ -2,14 +2,10 @@
 the Guest API, checked from the host side (files, sockets, a network
 namespace) as well as from what the guest prints."""
 
-import os
 import re
-import shutil
 import socket
 import subprocess
 import zlib
-
-import pytest
 
 from conftest import guest_path
 from pylguest import Guest
@@ -153,27 +149,6 @@ def test_trace_shows_status_kicks_and_interrupts_by_name(kvm_available):
 
 
 # -- net, through a tap into a network namespace --------------------------------------
-
-
-@pytest.fixture
-def namespace_with_tap():
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` tool (iproute2) is not installed: run `make deps`")
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("creating a network namespace and a tap needs root and /dev/net/tun")
-    ns, tap = f"pylguest{os.getpid()}", "pylguest0"
-
-    def ip(*args):
-        subprocess.run(["ip", "netns", "exec", ns, "ip", *args], check=True, timeout=30)
-
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
-    try:
-        ip("tuntap", "add", "dev", tap, "mode", "tap")
-        ip("addr", "add", "10.0.2.2/24", "dev", tap)
-        ip("link", "set", tap, "up")
-        yield ns, tap
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], timeout=30)
 
 
 def test_a_frame_crosses_the_tap_and_the_reply_comes_back(kvm_available, namespace_with_tap):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT, guest_path
-from pylguest.cli import parse_size
+from pylguest.cli import parse_size, split_command
 from pylguest.errors import UsageError
 
 
@@ -59,6 +59,24 @@ def test_bad_timeout():
 
 def test_unknown_option():
     assert_usage_error(pylguest("run", "x", "--frobnicate"), "unrecognized arguments")
+
+
+def test_everything_after_the_first_double_dash_is_the_guests_command():
+    assert split_command(["run", "k", "--rng", "--", "sh", "-c", "x -- --rng"]) == \
+        (["run", "k", "--rng"], ["sh", "-c", "x -- --rng"])
+    assert split_command(["run", "k"]) == (["run", "k"], None)
+
+
+def test_a_double_dash_with_nothing_after_it():
+    assert_usage_error(pylguest("run", str(guest_path("hello")), "--"), "followed by a command")
+
+
+def test_a_command_for_a_guest_that_is_not_linux():
+    assert_usage_error(pylguest("run", str(guest_path("hello")), "--", "true"), "not Linux")
+
+
+def test_info_takes_no_command():
+    assert_usage_error(pylguest("info", "--", "true"), "only `pylguest run`")
 
 
 def test_no_command():

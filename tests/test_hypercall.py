@@ -45,6 +45,23 @@ def test_shutdown_with_reboot_bit(page):
     assert (result.status, result.reason) == (0, "reboot")
 
 
+def test_shutdown_with_the_panic_bit_is_a_crash_with_the_kernels_reason(page):
+    page.panic_message = lambda: "VFS: Unable to mount root fs"
+    result = page.mmio_write(SHUTDOWN, store(0x400 | 7))
+    assert (result.status, result.reason) == (125, "kernel panic")
+    assert result.detail == "VFS: Unable to mount root fs"
+
+
+def test_shutdown_with_the_halt_bit_is_neither_success_nor_the_low_byte(page):
+    result = page.mmio_write(SHUTDOWN, store(0x200))
+    assert (result.status, result.reason) == (123, "halted")
+
+
+def test_panic_wins_over_every_other_bit(page):
+    assert page.mmio_write(SHUTDOWN, store(0x700)).reason == "kernel panic"
+    assert page.mmio_write(SHUTDOWN, store(0x300)).reason == "halted"
+
+
 def test_notify_of_a_string_in_ram_is_early_console(page):
     page.memory.write(0x5000, b"early boot\n\0junk")
     assert page.mmio_write(NOTIFY, store(0x5000)) is None
@@ -82,5 +99,7 @@ def test_stores_that_are_not_hypercalls_are_reported(page, gpa, data):
 def test_trace_descriptions(page):
     page.kick_names[0x2000_0000] = "block0/requests"
     assert page.describe(SHUTDOWN, store(5)) == "LHCALL_SHUTDOWN(status 5)"
+    assert page.describe(SHUTDOWN, store(0x400)) == "LHCALL_SHUTDOWN(panic)"
+    assert page.describe(SHUTDOWN, store(0x200)) == "LHCALL_SHUTDOWN(halt)"
     assert page.describe(NOTIFY, store(0x5000)) == "LHCALL_NOTIFY(0x5000) early console"
     assert "kick block0/requests" in page.describe(NOTIFY, store(0x2000_0000))

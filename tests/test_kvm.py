@@ -122,3 +122,33 @@ def test_immediate_exit_stops_a_halted_vcpu(kvm_available):
     finally:
         lib.pyl_disarm_stop_signals()
         machine.close()
+
+
+# -- the CPUID a guest is shown -------------------------------------------------------
+
+KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+KVM_FEATURE_CLOCKSOURCE2 = 1 << 3       # kvmclock's new MSRs (Documentation/virt/kvm/x86/cpuid.rst)
+
+
+def cpuid_leaves(cpuid):
+    return {(e.function, e.index): e for e in (cpuid.entries[i] for i in range(cpuid.nent))}
+
+
+@pytest.mark.parametrize("emulating", [False, True])
+def test_the_kvm_paravirt_leaves_are_kept_for_kvmclock(kvm_available, tmp_path, emulating):
+    from pylguest.kvm.cpuid import guest_cpuid
+    kind = detect_kvm_kind(*fake_host(tmp_path, ["kvm", "kvm_pvm"] if emulating else
+                                      ["kvm", "kvm_intel"], [] if emulating else ["vmx"]))
+    kvm = Kvm()
+    try:
+        supported = cpuid_leaves(kvm.supported_cpuid())
+        leaves = cpuid_leaves(guest_cpuid(kvm, kind))
+    finally:
+        kvm.close()
+    base = leaves[(0x40000000, 0)]
+    signature = b"".join(v.to_bytes(4, "little") for v in (base.ebx, base.ecx, base.edx))
+    assert signature == KVM_SIGNATURE
+    assert leaves[(0x40000001, 0)].eax & KVM_FEATURE_CLOCKSOURCE2
+    cx16 = leaves[(1, 0)].ecx >> 13 & 1           # hidden only where KVM emulates
+    assert cx16 == (0 if emulating else supported[(1, 0)].ecx >> 13 & 1)
+    assert leaves[(1, 0)].ecx >> 31 & 1           # "running under a hypervisor"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pylguest import uart
-from pylguest.console_output import ConsoleOutput
+from pylguest.console_output import TAIL_SIZE, ConsoleOutput
 from pylguest.uart import Uart8250
 
 THR, IER, IIR, FCR, LCR, MCR, LSR, MSR, SCR = 0, 1, 2, 2, 3, 4, 5, 6, 7
@@ -131,6 +131,17 @@ def test_tee_sees_the_output(pipe):
     output.close()
     assert b"".join(seen) == b"hello\n"
     assert pipe.read(6) == b"hello\n"
+
+
+def test_tail_keeps_the_last_output_even_unflushed_and_is_bounded(pipe):
+    output = ConsoleOutput(pipe.w, flush_delay=NEVER)
+    output.write(b"x" * (TAIL_SIZE + 100) + b"\n")
+    pipe.read(TAIL_SIZE + 101)
+    output.write(b"Kernel panic - not syncing: no init")        # no newline yet
+    tail = output.tail()
+    assert len(tail) == TAIL_SIZE and tail.endswith(b"not syncing: no init")
+    pipe.read(len(b"Kernel panic - not syncing: no init"))
+    output.close()
 
 
 def test_closed_reader_does_not_crash_the_launcher(pipe):

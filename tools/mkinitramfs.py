@@ -1,150 +1,80 @@
 #!/usr/bin/env python3
-"""Build a tiny busybox initramfs for booting a real Linux under pylguest.
+"""Build the busybox initramfs that pylguest boots Linux with.
 
     python3 tools/mkinitramfs.py OUT.cpio [--busybox /bin/busybox]
 
-The image holds one static busybox and an /init script that mounts proc,
-sysfs and devtmpfs, prints the marker line
-
-    pylguest-initramfs: userspace up
-
-and starts a shell on the console.  When that shell exits, /init reboots,
-which Linux does through the i8042 reset line that the launcher treats as
-"the guest stopped".
+The image holds one static busybox, a symlink for each of its applets, and
+guests/linux/init as /init.  That init mounts proc, sysfs and devtmpfs,
+runs the command `pylguest run ... -- CMD ARG...` hands it (or a shell),
+and powers the guest off with the command's exit status.
 
 The busybox comes from Debian's busybox-static package (/bin/busybox); if
 it is missing and we are root, we install that package with apt-get.
 
-The archive is written here, in Python, so that building it needs no
-cpio tool, and it is deterministic: the same busybox gives the same bytes
-(fixed inode numbers, owners and mtimes, entries in a fixed order).  It is
-left uncompressed: on an emulating KVM (design.md section 7) the kernel's
-decompressor would run in emulated ring 0, and it costs nothing to skip.
+Three choices keep it quick to boot on an emulating KVM, where every
+instruction of guest kernel mode is emulated (docs/linux.md):
+  - it is left uncompressed: the kernel's inflate would run emulated;
+  - the applet symlinks are made here, not by `busybox --install` at boot,
+    which would cost a few hundred system calls;
+  - the archive is written in Python (pylguest.boot.cpio), deterministic:
+    the same busybox and init give the same bytes.
 
-The format Linux unpacks (Documentation/driver-api/early-userspace/
-buffer-format.rst) is cpio "newc": a sequence of entries, each
-
-    header    110 ASCII bytes: the magic "070701", then 13 fields of
-              8 hex digits: ino, mode, uid, gid, nlink, mtime, filesize,
-              devmajor, devminor, rdevmajor, rdevminor, namesize, check
-    name      namesize bytes, including the terminating NUL
-    padding   to a multiple of 4 bytes, counting from the header's start
-    data      filesize bytes (a file's contents, a symlink's target)
-    padding   to a multiple of 4 bytes
-
-ending with an entry named "TRAILER!!!".  Directories must come before
-what they contain, because the kernel creates entries in order.
+An initramfs for another kernel also carries kernel modules: the lguest
+bus driver built against that kernel, and the virtio modules it needs.
+tools/module_initramfs.py builds one (for Debian's cloud kernel, say) through
+build() below.
 """
 
 import argparse
 import os
+import pathlib
 import shutil
-import stat
 import subprocess
 import sys
 
-MAGIC = b"070701"
-TRAILER = "TRAILER!!!"
-# Every entry's mtime.  SOURCE_DATE_EPOCH is the reproducible-builds
-# convention for "the time to stamp into outputs"; without it, the epoch.
-MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-MARKER = "pylguest-initramfs: userspace up"
+from pylguest.boot.cpio import Archive
 
-# /init runs as PID 1 with /dev/console as stdin/stdout/stderr (the kernel
-# opens it from the initramfs before exec'ing /init, which is why the
-# archive carries a /dev/console node of its own: devtmpfs is not mounted
-# yet at that point).
-INIT_SCRIPT = f"""\
-#!/bin/busybox sh
-# pylguest initramfs: bring up a minimal userspace and give the console a shell.
-/bin/busybox --install -s
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "{MARKER}"
-# setsid + cttyhack make the console (found through /sys/class/tty/console)
-# the shell's controlling terminal, so job control and ^C work.
-setsid cttyhack sh
-echo "pylguest-initramfs: shell exited, rebooting"
-reboot -f
-"""
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+INIT = ROOT / "guests" / "linux" / "init"
+MODULES_DIR = "lib/modules/pylguest"       # where /init looks for modules
+DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
+               "tmp", "root", "etc", "mnt", "lib")
 
 
-class Archive:
-    """A newc cpio archive built up in memory."""
-
-    def __init__(self):
-        self.data = bytearray()
-        self.next_ino = 1     # inode numbers only need to be distinct
-
-    def _entry(self, name, mode, body=b"", rdev=(0, 0), nlink=1):
-        namez = name.encode() + b"\0"
-        fields = [self.next_ino, mode, 0, 0, nlink, MTIME, len(body),
-                  0, 0, rdev[0], rdev[1], len(namez), 0]
-        self.next_ino += 1
-        self.data += MAGIC + b"".join(b"%08x" % f for f in fields) + namez
-        self._pad()
-        self.data += body
-        self._pad()
-
-    def _pad(self):
-        self.data += b"\0" * (-len(self.data) % 4)
-
-    def directory(self, name):
-        self._entry(name, stat.S_IFDIR | 0o755, nlink=2)
-
-    def file(self, name, body, perm=0o644):
-        self._entry(name, stat.S_IFREG | perm, body)
-
-    def symlink(self, name, target):
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def char_device(self, name, major, minor, perm=0o600):
-        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
-
-    def finish(self):
-        # The trailer is an ordinary header with everything zero (Linux
-        # only looks at its name); cpio(1) also gives it nlink 1.
-        self.next_ino = 0
-        self._entry(TRAILER, 0)
-        return bytes(self.data)
+def busybox_applets(busybox):
+    """Where each applet of this busybox belongs: ["bin/ls", "sbin/ip", ...]."""
+    listing = subprocess.run([busybox, "--list-full"], capture_output=True, text=True,
+                             check=True).stdout
+    return sorted(line.strip() for line in listing.splitlines() if line.strip())
 
 
-def build(busybox_bytes):
-    """The initramfs image (uncompressed newc cpio) as bytes."""
+def build(busybox_bytes, applets, init_bytes, modules=()):
+    """The initramfs (an uncompressed newc cpio) as bytes.
+
+    applets: paths like "bin/ls" that become symlinks to /bin/busybox;
+    modules: (file name, bytes) pairs, in the order /init loads them.
+    """
     archive = Archive()
-    for directory in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
-                      "tmp", "root", "etc"):
+    for directory in DIRECTORIES:
         archive.directory(directory)
+    # The kernel opens /dev/console for /init before devtmpfs is mounted,
+    # so the archive carries that node itself.
     archive.char_device("dev/console", 5, 1)
     archive.char_device("dev/null", 1, 3, perm=0o666)
     archive.file("bin/busybox", busybox_bytes, perm=0o755)
-    # sh must exist before /init runs `busybox --install`.
-    archive.symlink("bin/sh", "busybox")
-    archive.file("init", INIT_SCRIPT.encode(), perm=0o755)
+    for applet in applets:
+        if applet != "bin/busybox":
+            archive.symlink(applet, "/bin/busybox")
+    # /init is a script: it needs /bin/sh, which is one of the applets.
+    archive.file("init", init_bytes, perm=0o755)
+    if modules:
+        archive.directory("lib/modules")
+        archive.directory(MODULES_DIR)
+        for name, body in modules:
+            archive.file(f"{MODULES_DIR}/{name}", body)
+        order = "".join(f"{name}\n" for name, _ in modules)
+        archive.file(f"{MODULES_DIR}/load-order", order.encode())
     return archive.finish()
-
-
-def read_newc(data):
-    """Parse a newc archive back into [(name, mode, body, (rdevmajor, rdevminor))];
-    used by the tests, and a compact statement of the format."""
-    entries, offset = [], 0
-    while True:
-        header = data[offset:offset + 110]
-        if header[:6] != MAGIC:
-            raise ValueError(f"bad cpio magic at offset {offset}: {header[:6]!r}")
-        fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-        mode, filesize, rdev, namesize = fields[1], fields[6], (fields[9], fields[10]), fields[11]
-        name = data[offset + 110:offset + 110 + namesize - 1].decode()
-        offset += 110 + namesize
-        offset += -offset % 4
-        body = data[offset:offset + filesize]
-        offset += filesize
-        offset += -offset % 4
-        if name == TRAILER:
-            return entries
-        entries.append((name, mode, body, rdev))
 
 
 def find_busybox(path):
@@ -168,20 +98,30 @@ def find_busybox(path):
     raise SystemExit("mkinitramfs: could not install busybox-static with apt-get")
 
 
+def write_atomically(path, data):
+    """Write `data` to `path` so that the file appears whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
+def build_from(busybox_path, modules=()):
+    busybox = find_busybox(busybox_path)
+    with open(busybox, "rb") as f:
+        busybox_bytes = f.read()
+    return build(busybox_bytes, busybox_applets(busybox), INIT.read_bytes(), modules)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="the .cpio file to write")
     parser.add_argument("--busybox", default="/bin/busybox",
                         help="a statically linked busybox (default: Debian's /bin/busybox)")
     args = parser.parse_args(argv)
-    with open(find_busybox(args.busybox), "rb") as f:
-        busybox = f.read()
-    image = build(busybox)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    partial = args.out + ".partial"
-    with open(partial, "wb") as f:
-        f.write(image)
-    os.replace(partial, args.out)
+    image = build_from(args.busybox)
+    write_atomically(args.out, image)
     print(f"mkinitramfs: wrote {args.out} ({len(image)} bytes)")
     return 0
 

@@ -3,11 +3,12 @@
     pylguest run KERNEL [--initrd FILE] [--cmdline TEXT] [--mem SIZE]
                         [--timeout SECONDS] [--trace] [--decompress MODE]
                         [--block PATH[,ro]]... [--net tap:NAME]... [--rng]
-                        [--console stdio|socket:PATH]
+                        [--console stdio|socket:PATH] [-- CMD [ARG...]]
     pylguest info
 
-Exit status: the guest's own (LHCALL_SHUTDOWN), or one of stop.py's:
-2 for bad usage, 124 timeout, 125 triple fault, 128+N signal N, 1 for a
+Exit status: the guest's own (LHCALL_SHUTDOWN: with `-- CMD`, the
+command's), or one of stop.py's: 2 for bad usage, 123 the guest halted,
+124 timeout, 125 triple fault or kernel panic, 128+N signal N, 1 for a
 launcher failure.  Errors are one line on stderr, never a traceback.
 """
 
@@ -52,11 +53,19 @@ def build_parser():
     parser = _Parser(prog="pylguest",
                      description="An lguest-style launcher on KVM: run a kernel and serve its devices.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser("run", help="boot a kernel (bzImage, vmlinux or teaching-guest ELF)")
+    run = commands.add_parser(
+        "run", help="boot a kernel (bzImage, vmlinux or teaching-guest ELF)",
+        usage="%(prog)s KERNEL [options] [-- CMD [ARG...]]",
+        epilog="-- CMD [ARG...]: with a Linux kernel and pylguest's initramfs (make linux), "
+               "run CMD in the guest, its output on the console, and exit with its status. "
+               "Every argument arrives byte for byte (it travels in the initrd, not on the "
+               "kernel command line).")
     run.add_argument("kernel", help="bzImage or ELF64 kernel")
-    run.add_argument("--initrd", help="initial ramdisk (e.g. a cpio archive)")
-    run.add_argument("--cmdline", help="kernel command line "
-                     "(Linux default: console=ttyS0; lguest.devices= is always added)")
+    run.add_argument("--initrd", help="initial ramdisk (a cpio archive, compressed or not)")
+    run.add_argument("--cmdline", help="words to add to the kernel command line; for Linux "
+                     "they come after the launcher's defaults (console=ttyS0; quiet with a "
+                     "command; clearcpuid= on emulating KVM), so they override them. "
+                     "lguest.devices= is always added")
     run.add_argument("--mem", default="256M", help="guest RAM, e.g. 512M or 2G (default 256M)")
     run.add_argument("--timeout", help="stop the guest after this many seconds (exit status 124)")
     run.add_argument("--trace", action="store_true",
@@ -64,7 +73,7 @@ def build_parser():
     run.add_argument("--stats", action="store_true",
                      help="when the guest stops, print how many exits it took, by kind")
     run.add_argument("--decompress", choices=("auto", "host", "guest"), default="auto",
-                     help="who unpacks a bzImage: the guest's own decompressor, or the host "
+                     help="who unpacks a compressed bzImage payload and initrd: the guest, or the host "
                           "(auto: host when KVM emulates guest kernel mode)")
     run.add_argument("--block", action="append", default=[], metavar="PATH[,ro]",
                      help="a raw disk image as a virtio block device (repeatable)")
@@ -77,7 +86,16 @@ def build_parser():
     return parser
 
 
-def command_run(args):
+def split_command(argv):
+    """(options, command): everything after the first `--` is the guest's
+    command, which argparse must never see (it may hold anything)."""
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, None
+
+
+def command_run(args, command=None):
     from pylguest.machine import Machine, MachineConfig
     from pylguest.terminal import RawTerminal
     if not os.path.isfile(args.kernel):
@@ -88,7 +106,8 @@ def command_run(args):
                            mem=parse_size(args.mem),
                            timeout=parse_timeout(args.timeout) if args.timeout else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
-                           block=args.block, net=args.net, rng=args.rng, console=args.console)
+                           block=args.block, net=args.net, rng=args.rng, console=args.console,
+                           command=command)
     machine = Machine(config)
     try:
         with RawTerminal(0):
@@ -108,9 +127,14 @@ def command_info(args):
 
 def main(argv=None):
     try:
-        args = build_parser().parse_args(argv)
+        options, command = split_command(sys.argv[1:] if argv is None else list(argv))
+        args = build_parser().parse_args(options)
         if args.command == "run":
-            return command_run(args)
+            if command is not None and not command:
+                raise UsageError("-- must be followed by a command to run in the guest")
+            return command_run(args, command)
+        if command is not None:
+            raise UsageError("only `pylguest run` takes a command after --")
         return command_info(args)
     except (UsageError, BootError) as e:
         sys.stderr.write(f"pylguest: {e}\n")

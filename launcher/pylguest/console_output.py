@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 FLUSH_SIZE = 4096         # bytes: flush when the buffer holds this many
 FLUSH_DELAY = 0.010       # seconds: the longest an unfinished line waits
+TAIL_SIZE = 4096          # bytes of recent output kept, to explain a stop
 
 # Errors after which the fd will never take output again.
 _GONE = (errno.EPIPE, errno.EBADF, errno.EIO, errno.ENXIO)
@@ -48,6 +49,7 @@ class ConsoleOutput:
         self.dropped = 0                  # bytes lost because the fd went away
         self.error: Optional[OSError] = None
         self._buffer = bytearray()
+        self._tail = bytearray()          # the last TAIL_SIZE bytes written out
         self._first_byte_time = 0.0       # when the oldest unwritten byte came
         self._closed = False
         self._write_lock = threading.Lock()
@@ -80,6 +82,13 @@ class ConsoleOutput:
                 self._buffer.clear()
             if chunk:
                 self._emit(chunk)
+
+    def tail(self) -> bytes:
+        """The most recent output (up to TAIL_SIZE bytes), flushed first:
+        what a kernel said just before it stopped, for the stop's reason."""
+        self.flush()
+        with self._write_lock:
+            return bytes(self._tail)
 
     def close(self) -> None:
         """Flush and stop the flusher thread.  The fd stays open: it is the
@@ -115,6 +124,8 @@ class ConsoleOutput:
         """Hand one chunk to the tee and to the fd.  Called with _write_lock."""
         if self.tee is not None:
             self.tee(chunk)
+        self._tail += chunk
+        del self._tail[:-TAIL_SIZE]
         if self.error is not None:
             self.dropped += len(chunk)
             return

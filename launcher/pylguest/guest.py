@@ -34,9 +34,11 @@ class GuestTimeout(AssertionError):
 
 class Guest:
     def __init__(self, kernel, *, cmdline=None, initrd=None, mem=None, timeout=60.0,
-                 trace=False, extra_args=(), env=None, wrapper=()):
+                 trace=False, extra_args=(), command=None, env=None, wrapper=()):
         """`extra_args` are more `pylguest run` options (--block, --net, ...);
-        `wrapper` is a command prefix, e.g. ("ip", "netns", "exec", "ns1")."""
+        `command` is what the guest's init runs (`-- CMD ARG...`: the exit
+        status is then the command's); `wrapper` is a command prefix, e.g.
+        ("ip", "netns", "exec", "ns1")."""
         self.timeout = float(timeout)
         self.argv = list(wrapper) + [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
                                      "--timeout", f"{self.timeout:g}"]
@@ -49,6 +51,8 @@ class Guest:
         if trace:
             self.argv.append("--trace")
         self.argv += list(extra_args)
+        if command is not None:
+            self.argv += ["--", *command]
         self.env = dict(os.environ if env is None else env)
         package_parent = os.path.dirname(os.path.dirname(pylguest.__file__))
         self.env["PYTHONPATH"] = os.pathsep.join(

@@ -6,7 +6,12 @@ a page of guest-physical space with no memory behind it (0xFEB00000).  The
 store exits to us as KVM_EXIT_MMIO, and the offset says which call:
 
     0x00  LHCALL_NOTIFY(addr)     "look at this address"
-    0x08  LHCALL_SHUTDOWN(value)  bits 0-7 exit status; bit 8: reboot
+    0x08  LHCALL_SHUTDOWN(value)  bits 0-7 exit status; bit 8: reboot;
+                                  bit 9: halted; bit 10: kernel panic
+
+Bits 9 and 10 are pylguest's additions to design.md's ABI: the Linux
+driver (guests/linux/lguest_device.c) sets them from its halt and panic
+hooks, so that neither is taken for an exit status.
 
 LHCALL_NOTIFY means what it meant to the seed driver and the lguest
 launcher: the address of a device descriptor (a status change) or of a
@@ -24,15 +29,26 @@ from pylguest import layout, stop
 LHCALL_NOTIFY = 0x00
 LHCALL_SHUTDOWN = 0x08
 SHUTDOWN_REBOOT = 1 << 8
+SHUTDOWN_HALT = 1 << 9
+SHUTDOWN_PANIC = 1 << 10
 EARLY_CONSOLE_MAX = 256        # an early-console string is at most this long
+
+
+def shutdown_text(value):
+    for bit, what in ((SHUTDOWN_PANIC, "panic"), (SHUTDOWN_HALT, "halt"),
+                      (SHUTDOWN_REBOOT, "reboot")):
+        if value & bit:
+            return what
+    return f"status {value & 0xFF}"
 
 
 class HypercallPage:
     base = layout.HYPERCALL_PAGE
     size = layout.HYPERCALL_PAGE_SIZE
 
-    def __init__(self, memory, ram_top, console, report):
+    def __init__(self, memory, ram_top, console, report, panic_message=lambda: ""):
         self.memory = memory
+        self.panic_message = panic_message   # () -> what the kernel said as it panicked
         self.ram_top = ram_top
         self.console = console          # has .write(bytes)
         self.report = report            # report(message): a guest error
@@ -55,6 +71,10 @@ class HypercallPage:
         return self.notify(value)
 
     def shutdown(self, value):
+        if value & SHUTDOWN_PANIC:
+            return stop.kernel_panic(self.panic_message() or "the guest kernel panicked")
+        if value & SHUTDOWN_HALT:
+            return stop.halted()
         if value & SHUTDOWN_REBOOT:
             return stop.reboot("LHCALL_SHUTDOWN with the reboot bit")
         return stop.shutdown(value & 0xFF)
@@ -77,8 +97,7 @@ class HypercallPage:
         if len(data) == 8 and offset in (LHCALL_NOTIFY, LHCALL_SHUTDOWN):
             (value,) = struct.unpack("<Q", data)
             if offset == LHCALL_SHUTDOWN:
-                what = "reboot" if value & SHUTDOWN_REBOOT else f"status {value & 0xFF}"
-                return f"LHCALL_SHUTDOWN({what})"
+                return f"LHCALL_SHUTDOWN({shutdown_text(value)})"
             name = getattr(self.notify_targets.get(value), "trace_name", None)
             if name:
                 return f"LHCALL_NOTIFY(0x{value:x}) {name}"

@@ -14,6 +14,7 @@ hypervisor book:
 """
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,9 +22,13 @@ from dataclasses import dataclass, field
 
 from pylguest import i8042, layout, stop, uart
 from pylguest._kvm import ffi, lib
-from pylguest.boot import loader, x86
+from pylguest.boot import cmdline, cpio, loader, x86
 from pylguest.boot.bootparams import build_boot_params
+from pylguest.boot.command import command_archive
+from pylguest.boot.decompress import MAGICS
 from pylguest.boot.e820 import build_e820
+from pylguest.boot.initrd import append_archive, decompress_initrd
+from pylguest.boot.mptable import MPTABLE_ADDR, build_mptable
 from pylguest.bus import LguestBus
 from pylguest.console_output import ConsoleOutput
 from pylguest.devices.console import ConsoleDevice
@@ -41,10 +46,13 @@ from pylguest.trace import Tracer
 MiB = 1 << 20
 DEFAULT_MEM = 256 * MiB
 
-# What Linux must be told on the emulating KVM of design.md section 7: the
-# CPUID bits it would act on leak through whatever KVM_SET_CPUID2 says.
-EMULATING_KVM_LINUX_ARGS = "noxsave clearcpuid=popcnt,smap,avx,avx2,avx512f,fma,cx16,xsave"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Said once when Linux starts on an emulating KVM, so that a kernel that is
+# quiet for many seconds does not look dead (design.md section 7).
+EMULATING_KVM_NOTICE = (
+    "pylguest: this KVM ({module}) emulates guest kernel mode in software, so Linux "
+    "needs about 15-30 s here to reach user space (under a second on hardware KVM)\n")
 
 
 @dataclass
@@ -65,6 +73,7 @@ class MachineConfig:
     net: list = field(default_factory=list)       # "tap:NAME[,mac=...]" each
     rng: bool = False
     console: str = None                # None, "stdio" or "socket:PATH"
+    command: list = None               # `-- CMD ARG...`: run by the initramfs's init
 
 
 def _read_file(path, what):
@@ -128,11 +137,17 @@ class Machine:
         config = self.config
         self.kernel = loader.load_kernel(self.memory, self.low_ram_top, kernel_image,
                                          config.kernel, self._host_decompress())
+        if config.command is not None and not self.kernel.linux:
+            raise UsageError(f"{config.kernel} is not Linux: only a Linux kernel with "
+                             "pylguest's initramfs runs a command (-- CMD)")
         initrd = None
+        initrd_image = self._prepare_initrd(initrd_image)
         if initrd_image is not None:
             initrd = loader.load_initrd(self.memory, self.low_ram_top, initrd_image,
                                         config.initrd, self.kernel)
-        self.cmdline = self._compose_cmdline()
+        self.cmdline = cmdline.compose(config.cmdline, linux=self.kernel.linux,
+                                       emulating=self.kvm_kind.emulating,
+                                       command=config.command, device_page=self.ram_top)
         limit = loader.cmdline_limit(self.kernel)
         if len(self.cmdline) > limit:
             raise UsageError(f"the command line is {len(self.cmdline)} bytes; "
@@ -142,23 +157,37 @@ class Machine:
                           build_boot_params(self.kernel.setup_header, self.e820,
                                             layout.CMDLINE_ADDR, initrd))
         self.memory.write(layout.GDT_ADDR, x86.build_gdt())
+        # The MP table: one CPU, the ISA bus, the IOAPIC, ISA IRQ n on pin
+        # n.  Linux then takes our devices' interrupts through the IOAPIC,
+        # and does not search the BIOS area for a table that is not there.
+        self.memory.write(MPTABLE_ADDR, build_mptable())
         top = self.regions[-1].end
         tables = x86.build_page_tables(layout.PAGE_TABLES_ADDR, top)
         assert layout.PAGE_TABLES_ADDR + len(tables) <= layout.PAGE_TABLES_END
         self.memory.write(layout.PAGE_TABLES_ADDR, tables)
 
-    def _compose_cmdline(self):
-        """The user's command line, plus what the guest needs from us."""
-        parts = []
-        user = self.config.cmdline
-        if user is None and self.kernel.linux:
-            user = "console=ttyS0"
-        if user:
-            parts.append(user)
-        if self.kernel.linux and self.kvm_kind.emulating:
-            parts.append(EMULATING_KVM_LINUX_ARGS)
-        parts.append(f"lguest.devices=0x{self.ram_top:x}")
-        return " ".join(parts)
+    def _prepare_initrd(self, image):
+        """The initrd as the kernel will read it: unpacked here when the
+        kernel is (boot/initrd.py), with the command's archive after it."""
+        config = self.config
+        if image is None:
+            if config.command is not None:
+                raise UsageError("a command (-- CMD) needs --initrd: pylguest's initramfs "
+                                 "runs it (make linux builds one)")
+            return None
+        initramfs = image.startswith(cpio.MAGIC) or any(image.startswith(m) for m, _ in MAGICS)
+        if initramfs and self._host_decompress():
+            unpacked = decompress_initrd(image, config.initrd)
+            if self.tracer and len(unpacked) != len(image):
+                self.tracer.event(f"initrd: unpacked on the host, {len(image)} -> "
+                                  f"{len(unpacked)} bytes")
+            image = unpacked
+        if config.command is not None:
+            if not initramfs:
+                raise UsageError(f"initrd {config.initrd} is not a cpio initramfs, so it "
+                                 "cannot carry a command (-- CMD)")
+            image = append_archive(image, command_archive(config.command))
+        return image
 
     # -- 4: the vCPU ---------------------------------------------------------
 
@@ -184,7 +213,7 @@ class Machine:
                             i8042.I8042(lambda: stop.reboot("i8042 reset (0xFE to port 0x64)")),
                             i8042.REGISTER_NAMES)
         self.hypercalls = HypercallPage(self.memory, self.ram_top, self.console,
-                                        self.report_guest_error)
+                                        self.report_guest_error, self._panic_message)
         self.bus.install(self)
         self.virtio_console = next((d for d in self.bus.devices
                                     if isinstance(d, ConsoleDevice)), None)
@@ -199,6 +228,11 @@ class Machine:
             console.receive(data)
         else:
             self.uart.receive(data)
+
+    def _panic_message(self):
+        """The line in which Linux said why it panicked, if we saw it."""
+        said = re.findall(rb"Kernel panic - not syncing: ([^\r\n]*)", self.console.tail())
+        return said[-1].decode("utf-8", "replace").strip() if said else ""
 
     def report_guest_error(self, message):
         """A guest did something wrong: say so; the guest keeps running."""
@@ -231,6 +265,9 @@ class Machine:
             timer.daemon = True
             timer.start()
         try:
+            if self.kernel.linux and self.kvm_kind.emulating:
+                sys.stderr.write(EMULATING_KVM_NOTICE.format(module=self.kvm_kind.module))
+                sys.stderr.flush()
             if self.tracer:
                 self.tracer.event(f"start: {self.kernel.kind}, entry 0x{self.kernel.entry:x}, "
                                   f"KVM {self.kvm_kind.kind}")

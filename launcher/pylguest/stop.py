@@ -2,7 +2,9 @@
 
 A guest's own status (LHCALL_SHUTDOWN, bits 0-7) becomes the launcher's
 exit status unchanged, so a CI script can `exit 3` from inside the guest
-and see 3.  The launcher's own outcomes use values a shell user already
+and see 3.  Every other way a run ends has a status of its own and a reason,
+which the command line prints as one line on stderr, so that a kernel
+panic or a timeout is never taken for what the guest's command returned.  The launcher's own outcomes use values a shell user already
 knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 """
 
@@ -11,8 +13,9 @@ from dataclasses import dataclass
 EXIT_OK = 0
 EXIT_LAUNCHER_ERROR = 1        # KVM refused something, an unhandled exit
 EXIT_USAGE = 2                 # bad command line, missing or unloadable file
+EXIT_GUEST_HALTED = 123        # the guest halted without giving a status
 EXIT_TIMEOUT = 124             # --timeout expired, as timeout(1) says it
-EXIT_GUEST_CRASH = 125         # triple fault: the guest could not go on
+EXIT_GUEST_CRASH = 125         # triple fault or kernel panic: the guest could not go on
 EXIT_SIGNAL_BASE = 128         # + the signal number, as a shell reports it
 
 
@@ -48,6 +51,15 @@ def signal_stop(signo, name):
 
 def user_quit():
     return Stop(EXIT_OK, "quit", "Ctrl-A x")
+
+
+def halted():
+    return Stop(EXIT_GUEST_HALTED, "halted",
+                "the guest kernel halted instead of powering off, so it gave no exit status")
+
+
+def kernel_panic(message):
+    return Stop(EXIT_GUEST_CRASH, "kernel panic", message)
 
 
 def triple_fault(registers):

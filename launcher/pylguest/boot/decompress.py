@@ -80,9 +80,16 @@ def decompress(payload: bytes, name: str) -> bytes:
         fmt = detect_format(payload)
     except BootError as e:
         raise BootError(f"{name}: {e}") from None
-    output, leftover = _DECODERS[fmt](payload, name)
+    output, leftover = decompress_stream(payload, fmt, name)
     _check_size_trailer(output, leftover, name, fmt)
     return output
+
+
+def decompress_stream(data: bytes, fmt: str, name: str):
+    """Decode the one `fmt` stream at the start of `data`: (output, the
+    bytes after it).  For an initrd, where streams and archives follow
+    each other (boot/initrd.py)."""
+    return _DECODERS[fmt](data, name)
 
 
 # --- one function per format: each returns (output, bytes after the stream)
