@@ -67,3 +67,35 @@ def namespace_with_tap():
         yield ns, tap
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=30)
+
+
+# -- wall times of slow tests ------------------------------------------------------------
+#
+# A Linux boot or a kernel-module build takes tens of seconds; such a test
+# records how long with wall_time(), and the run's summary lists them, so a
+# plain `make test` shows them without -s.
+
+WALL_TIME = "wall time"
+
+
+@pytest.fixture
+def wall_time(request):
+    """wall_time("exit") records the seconds since the test started."""
+    started = time.monotonic()
+
+    def record(what):
+        seconds = time.monotonic() - started
+        request.node.user_properties.append((WALL_TIME, f"{what} after {seconds:.1f} s"))
+        return seconds
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = [f"{report.nodeid}: {text}"
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, text in getattr(report, "user_properties", ()) if name == WALL_TIME]
+    if lines:
+        terminalreporter.section("wall times of slow tests")
+        for line in lines:
+            terminalreporter.write_line(line)

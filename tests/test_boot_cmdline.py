@@ -1,7 +1,7 @@
 """The kernel command line: the launcher's defaults, then the user's words.
 
 The expected lines are written out from the rules in boot/cmdline.py's
-docstring (and design.md section 7's list of CPUID bits), not computed with
+docstring (and docs/linux.md's list of CPUID bits), not computed with
 the module's own constants.
 """
 

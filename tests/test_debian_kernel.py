@@ -146,11 +146,11 @@ def last_line(text):
 def test_debian_kernel_boots_host_decompressed(kvm_available, debian_kernel, initramfs,
                                                record_property):
     kind = detect_kvm_kind()
-    # Only hardware KVM gets as far as running a command (`-- CMD ARG...`).
-    command = ["--", *COMMAND] if kind.hardware else []
     started = time.monotonic()
+    # Only hardware KVM gets as far as running a command (`-- CMD ARG...`).
     with Guest(debian_kernel, cmdline=CMDLINE, initrd=initramfs, mem="512M", timeout=GUEST_TIMEOUT,
-               extra_args=["--decompress", "host", *command]) as guest:
+               extra_args=["--decompress", "host"],
+               command=COMMAND if kind.hardware else None) as guest:
         # (a) The command line Linux received: the launcher's defaults, ours
         # after them as one run, and the device page.
         line = guest.expect(rb"(?m)(?:^|\] )Command line: ([^\r\n]*)\r?\n",

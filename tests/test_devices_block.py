@@ -82,6 +82,18 @@ def test_read_scatters_file_data_over_buffers(rig):
     assert not rig.device.broken
 
 
+def test_trace_says_what_each_request_was(rig):
+    lines = []
+    rig.device.trace = lines.append
+    serve(rig, [(header(T_IN, 3), False), (1024, True), (1, True)])
+    serve(rig, [(header(T_FLUSH), False), (1, True)])
+    serve(rig, [(header(99), False), (1, True)])
+    assert [line for line in lines if line.startswith("req")] == [
+        "req   block0/requests: read 1024 bytes at sector 3 -> OK",
+        "req   block0/requests: flush -> OK",
+        "req   block0/requests: type 99 -> UNSUPP"]
+
+
 def test_read_with_data_and_status_in_one_buffer(rig):
     head, placed = serve(rig, [(header(T_IN, 15), False), (513, True)])
     gpa, _ = placed[1]

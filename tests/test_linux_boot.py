@@ -8,17 +8,17 @@ file the guest wrote is read back from the image with debugfs, the line it
 wrote to /dev/hvc0 comes out of the console socket, the MAC is the one we
 gave, the ping crosses a tap into a network namespace this test makes.
 
-These boots are slow on an emulating KVM (design.md section 7: guest kernel
+These boots are slow on an emulating KVM (docs/linux.md: guest kernel
 mode runs about a thousand times slower than on hardware), so they are
 marked slow and each prints its wall time.
 """
 
+import gzip
 import os
 import re
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -51,20 +51,13 @@ def boot(linux, command, extra_args=(), **kwargs):
                  command=command, **kwargs)
 
 
-def report(request, what, started):
-    seconds = time.monotonic() - started
-    print(f"\n{request.node.name}: {what} {seconds:.1f} s after launch")
-    request.node.user_properties.append((what, f"{seconds:.1f} s"))
-
-
 # -- the exit status and the arguments ----------------------------------------------
 
 
-def test_the_commands_exit_status_is_the_launchers(kvm_available, linux, request):
-    started = time.monotonic()
+def test_the_commands_exit_status_is_the_launchers(kvm_available, linux, wall_time):
     with boot(linux, ["sh", "-c", "exit 3"]) as guest:
         status = guest.wait()
-    report(request, "exit", started)
+    wall_time("exit")
     assert status == 3, guest.output + guest.stderr
 
 
@@ -72,17 +65,34 @@ ARGUMENTS = ["two  spaces", "it's \"quoted\"", "naïve ✓ 日本", "", " lead",
              "$HOME `x` $(y) \\ *", os.fsdecode(b"raw \xff\xfe bytes")]
 
 
-def test_every_argument_arrives_byte_for_byte(kvm_available, linux, request):
+def test_every_argument_arrives_byte_for_byte(kvm_available, linux, wall_time):
     # The guest prints each argument's bytes in hex, one argument per line,
     # so that nothing on the way (the console, the terminal) can hide a byte.
     script = 'for a in "$@"; do printf "%s" "$a" | od -An -v -tx1 | tr -d " \\n"; echo "|"; done'
-    started = time.monotonic()
     with boot(linux, ["sh", "-c", script, "sh", *ARGUMENTS]) as guest:
         status = guest.wait()
-    report(request, "exit", started)
+    wall_time("exit")
     assert status == 0, guest.output + guest.stderr
     printed = re.findall(r"(?m)^([0-9a-f]*)\|\r?$", guest.output)
     assert printed == [os.fsencode(a).hex() for a in ARGUMENTS], guest.output
+
+
+def test_a_compressed_initramfs_is_unpacked_on_the_host_where_kvm_emulates(
+        kvm_available, linux, tmp_path, wall_time):
+    kernel, initramfs = linux
+    packed = tmp_path / "initramfs.cpio.gz"
+    packed.write_bytes(gzip.compress(initramfs.read_bytes(), compresslevel=6, mtime=0))
+    with Guest(kernel, initrd=packed, timeout=GUEST_TIMEOUT, trace=True,
+               command=["sh", "-c", "exit 5"]) as guest:
+        status = guest.wait()
+    wall_time("exit")
+    assert status == 5, guest.output + guest.stderr
+    unpacked = re.search(r"initrd: unpacked on the host, (\d+) -> (\d+) bytes", guest.stderr)
+    if detect_kvm_kind().emulating:
+        assert unpacked and int(unpacked.group(1)) == packed.stat().st_size, guest.stderr
+        assert int(unpacked.group(2)) == initramfs.stat().st_size    # what we packed
+    else:
+        assert unpacked is None, "on hardware KVM the guest unpacks its own initramfs"
 
 
 # -- the devices, as Linux's own drivers see them -----------------------------------
@@ -131,10 +141,9 @@ exit 7
 
 
 def test_linux_drives_every_device(kvm_available, linux, disk, tmp_path, namespace_with_tap,
-                                   request):
+                                   wall_time):
     ns, tap = namespace_with_tap
     console = tmp_path / "console.sock"
-    started = time.monotonic()
     with boot(linux, ["sh", "-c", DEVICES_SCRIPT],
               extra_args=["--block", str(disk), "--rng", "--console", f"socket:{console}",
                           "--net", f"tap:{tap},mac={MAC}"],
@@ -144,7 +153,7 @@ def test_linux_drives_every_device(kvm_available, linux, disk, tmp_path, namespa
         client.settimeout(GUEST_TIMEOUT)
         client.connect(str(console))
         guest.expect("hello from the host's disk image")
-        report(request, "first output", started)
+        wall_time("first output")
         hvc = b""
         # The guest's tty turns "\n" into "\r\n" (onlcr), as any terminal's would.
         while not re.search(rb"to the host over hvc0\r?\n", hvc):
@@ -153,7 +162,7 @@ def test_linux_drives_every_device(kvm_available, linux, disk, tmp_path, namespa
             hvc += chunk
         client.close()
         status = guest.wait()
-    report(request, "exit", started)
+    wall_time("exit")
     out = guest.output
     assert status == 7, out + guest.stderr
 
@@ -181,12 +190,11 @@ def test_linux_drives_every_device(kvm_available, linux, disk, tmp_path, namespa
     assert re.search(r"1 packets transmitted, 1 packets received", out), out
 
 
-def test_without_a_command_the_console_is_a_shell(kvm_available, linux, request):
+def test_without_a_command_the_console_is_a_shell(kvm_available, linux, wall_time):
     kernel, initramfs = linux
-    started = time.monotonic()
     with Guest(kernel, initrd=initramfs, timeout=GUEST_TIMEOUT) as guest:
         guest.expect("a shell on the console")
-        report(request, "shell", started)
+        wall_time("shell")
         guest.send("echo $((6*7))\n")
         guest.expect(rb"(?m)^42\r?$")
         guest.send("exit 4\n")
@@ -196,25 +204,23 @@ def test_without_a_command_the_console_is_a_shell(kvm_available, linux, request)
 # -- ways a run ends that are not the command's status ------------------------------
 
 
-def test_a_kernel_panic_is_reported_as_one(kvm_available, linux, request):
+def test_a_kernel_panic_is_reported_as_one(kvm_available, linux, wall_time):
     # No command and an init that does not exist: the kernel panics.
     kernel, initramfs = linux
-    started = time.monotonic()
     with Guest(kernel, initrd=initramfs, cmdline="rdinit=/nonexistent init=/nonexistent",
                timeout=GUEST_TIMEOUT) as guest:
         status = guest.wait()
-    report(request, "panic", started)
+    wall_time("panic")
     assert status == 125, guest.output + guest.stderr
     # The reason is what the kernel said as it panicked.
     said = re.search(r"Kernel panic - not syncing: ([^\r\n]+)", guest.output).group(1).strip()
     assert f"pylguest: kernel panic (exit status 125): {said}" in guest.stderr.splitlines()
 
 
-def test_a_halt_is_not_an_exit_status(kvm_available, linux, request):
-    started = time.monotonic()
+def test_a_halt_is_not_an_exit_status(kvm_available, linux, wall_time):
     with boot(linux, ["halt", "-f"]) as guest:
         status = guest.wait()
-    report(request, "halt", started)
+    wall_time("halt")
     assert status == 123, guest.output + guest.stderr
     assert "pylguest: halted (exit status 123)" in guest.stderr
 
@@ -280,15 +286,14 @@ def symbol(name):
     return match.group(1)
 
 
-def test_a_fake_syscall_gains_no_privilege(kvm_available, linux, hostile_initramfs, request):
+def test_a_fake_syscall_gains_no_privilege(kvm_available, linux, hostile_initramfs, wall_time):
     entry = symbol("entry_SYSCALL_64")
     script = (f"syscall_entry {entry} flags; syscall_entry {entry} plain; "
               f"syscall_entry {entry} kernel; echo \"kernel: status $?\"")
-    started = time.monotonic()
     with Guest(linux[0], initrd=hostile_initramfs, timeout=GUEST_TIMEOUT,
                command=["sh", "-c", script]) as guest:
         status = guest.wait()
-    report(request, "exit", started)
+    wall_time("exit")
     out = guest.output
     assert status == 0, out + guest.stderr
     # The flags the kernel would return with: DF, which a program may set,

@@ -49,7 +49,7 @@ DEFAULT_MEM = 256 * MiB
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Said once when Linux starts on an emulating KVM, so that a kernel that is
-# quiet for many seconds does not look dead (design.md section 7).
+# quiet for many seconds does not look dead (docs/linux.md).
 EMULATING_KVM_NOTICE = (
     "pylguest: this KVM ({module}) emulates guest kernel mode in software, so Linux "
     "needs about 15-30 s here to reach user space (under a second on hardware KVM)\n")

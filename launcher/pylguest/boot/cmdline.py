@@ -13,11 +13,11 @@ Adding one option never loses the console.  The words, in order:
     clearcpuid=...       only on an emulating KVM (see below)
     (the user's --cmdline)
     lguest.devices=0x..  always, last: where the device page is, for the
-                         lguest bus driver (design.md section 2)
+                         lguest bus driver (docs/linux.md)
 
 A teaching guest gets only the user's words and lguest.devices=.
 
-On an emulating KVM (design.md section 7) some CPUID bits show through to
+On an emulating KVM (docs/linux.md) some CPUID bits show through to
 the guest whatever KVM_SET_CPUID2 says, and the emulator cannot run the
 instructions behind them in kernel mode; clearcpuid= tells Linux not to
 use them.  erms and fsrm go too: without them Linux copies with `rep

@@ -129,6 +129,9 @@ class BlockDevice(VirtioDevice):
         while (chain := vq.pop_with_notify()) is not None:
             request = BlockRequest.parse(chain, self.memory, self.queue_label(index))
             status, written = self.execute(request)
+            if self.trace:
+                self.trace(f"req   {self.queue_label(index)}: {describe(request)} -> "
+                           f"{STATUS_NAMES.get(status, status)}")
             self.memory.write(request.status.gpa, bytes([status]))
             vq.push(chain, written + 1)
             self.requests_served += 1
@@ -194,6 +197,20 @@ class BlockDevice(VirtioDevice):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+REQUEST_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
+                 VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get id"}
+STATUS_NAMES = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR",
+                VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+
+
+def describe(request):
+    """A request in words, for --trace: "read 4096 bytes at sector 8"."""
+    name = REQUEST_NAMES.get(request.type, f"type {request.type}")
+    if request.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+        return f"{name} {request.data_len} bytes at sector {request.sector}"
+    return name
 
 
 def _transfer(call, fd, views, offset):
