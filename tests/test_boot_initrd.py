@@ -18,7 +18,7 @@ import pytest
 from pylguest.boot import initrd as initrd_module
 from pylguest.boot.command import command_archive
 from pylguest.boot.cpio import Archive, read_newc
-from pylguest.boot.initrd import append_archive, decompress_initrd
+from pylguest.boot.initrd import append_archive, decompress_initrd, is_initramfs
 from pylguest.errors import BootError
 
 COMPRESSORS = {
@@ -105,6 +105,12 @@ def test_a_misaligned_archive_is_refused_as_linux_would():
     data = archive_of("a", 1) + b"\0" + archive_of("b", 1)
     with pytest.raises(BootError, match="multiple of 4"):
         decompress_initrd(data, "initrd")
+
+
+def test_what_counts_as_an_initramfs():
+    assert is_initramfs(archive_of("a", 1))
+    assert is_initramfs(COMPRESSORS["xz"](archive_of("a", 1)))
+    assert not is_initramfs(b"\x53\xef" + bytes(1022))    # say, an ext2 image
 
 
 def test_garbage_between_pieces_is_a_boot_error_naming_the_offset():

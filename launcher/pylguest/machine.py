@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 
 from pylguest import i8042, layout, stop, uart
 from pylguest._kvm import ffi, lib
-from pylguest.boot import cmdline, cpio, loader, x86
+from pylguest.boot import cmdline, loader, x86
 from pylguest.boot.bootparams import build_boot_params
 from pylguest.boot.command import command_archive
-from pylguest.boot.decompress import MAGICS
 from pylguest.boot.e820 import build_e820
-from pylguest.boot.initrd import append_archive, decompress_initrd
+from pylguest.boot.initrd import append_archive, decompress_initrd, is_initramfs
 from pylguest.boot.mptable import MPTABLE_ADDR, build_mptable
 from pylguest.bus import LguestBus
 from pylguest.console_output import ConsoleOutput
@@ -159,7 +158,7 @@ class Machine:
         self.memory.write(layout.GDT_ADDR, x86.build_gdt())
         # The MP table: one CPU, the ISA bus, the IOAPIC, ISA IRQ n on pin
         # n.  Linux then takes our devices' interrupts through the IOAPIC,
-        # and does not search the BIOS area for a table that is not there.
+        # and finds the table early in its search of the BIOS areas.
         self.memory.write(MPTABLE_ADDR, build_mptable())
         top = self.regions[-1].end
         tables = x86.build_page_tables(layout.PAGE_TABLES_ADDR, top)
@@ -175,7 +174,7 @@ class Machine:
                 raise UsageError("a command (-- CMD) needs --initrd: pylguest's initramfs "
                                  "runs it (make linux builds one)")
             return None
-        initramfs = image.startswith(cpio.MAGIC) or any(image.startswith(m) for m, _ in MAGICS)
+        initramfs = is_initramfs(image)
         if initramfs and self._host_decompress():
             unpacked = decompress_initrd(image, config.initrd)
             if self.tracer and len(unpacked) != len(image):

@@ -40,6 +40,13 @@ def _compression(data, at):
     return None
 
 
+def is_initramfs(data):
+    """Does this initrd start as an initramfs does: a cpio archive or a
+    compressed stream?  Anything else (an old-style filesystem image that
+    Linux loads into /dev/ram0) is handed to the kernel untouched."""
+    return data.startswith(cpio.MAGIC) or _compression(data, 0) is not None
+
+
 def decompress_initrd(data, name):
     """The initrd with every compressed stream replaced by what it holds:
     plain archives only, each 4-byte aligned, ready for the kernel."""
