@@ -5,6 +5,7 @@
     0x9000 ..       identity page tables (PML4, PDPT, one PD per GiB)
     0x20000         kernel command line
     0x9fc00-0x100000  reserved (EBDA, VGA, BIOS), as on a PC
+    0x9fc00         the MP table, where a BIOS would leave it (boot/mptable.py)
     0x100000        the kernel (bzImage protected-mode code; an ELF's p_paddr)
     below RAM top   the initrd
     ram_top         the lguest device page (= max_pfn << 12)
