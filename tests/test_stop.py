@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import guest_path
-from pylguest import Guest
+from pylguest import Guest, stop
 
 
 def run_stop_guest(how, *, timeout=30, extra=""):
@@ -54,3 +54,21 @@ def test_signal_stops_a_halted_guest(kvm_available, signo):
         guest.process.send_signal(signo)
         assert guest.wait(timeout=20) == 128 + signo
         assert "signal" in guest.stderr
+
+
+# -- the reason a kernel panic gives ------------------------------------------------
+
+
+def test_panic_reason_is_the_last_thing_linux_said_as_it_panicked():
+    tail = (b"[ 1.0] Kernel panic - not syncing: first\r\n[ 2.0] noise\r\n"
+            b"[ 3.0] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"
+            b"[ 3.1] CPU: 0 PID: 1\r\n")
+    assert stop.panic_reason(tail) == "VFS: Unable to mount root fs"
+    assert stop.panic_reason(b"no panic here\n") == ""
+
+
+def test_panic_reason_passes_no_control_characters_and_is_bounded():
+    hostile = b"Kernel panic - not syncing: \x1b[2J\x07" + b"A" * 1000 + b"\n"
+    reason = stop.panic_reason(hostile)
+    assert "\x1b" not in reason and "\x07" not in reason
+    assert reason.startswith("?[2J?AAA") and len(reason) == stop.REASON_MAX

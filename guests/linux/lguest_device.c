@@ -412,9 +412,10 @@ static struct virtqueue *lg_find_vq(struct virtio_device *vdev,
 	 * (No more lguest_setup_irq(): the line is a plain ISA interrupt,
 	 * which Linux set up when it read the launcher's MP table.)
 	 */
-	/* FIXME: We used to have a flag for the Host to tell us we could use
-	 * the interrupt as a source of randomness: it'd be nice to have that
-	 * back..
+	/*
+	 * The seed wished here for the old flag with which the Host said the
+	 * interrupt could feed the entropy pool.  The wish is granted another
+	 * way now: the launcher's virtio rng device feeds it directly.
 	 */
 	err = request_irq(lvq->config.irq, vring_interrupt, IRQF_SHARED,
 			  dev_name(&vdev->dev), vq);

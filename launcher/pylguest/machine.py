@@ -14,7 +14,6 @@ hypervisor book:
 """
 
 import os
-import re
 import signal
 import sys
 import threading
@@ -230,8 +229,7 @@ class Machine:
 
     def _panic_message(self):
         """The line in which Linux said why it panicked, if we saw it."""
-        said = re.findall(rb"Kernel panic - not syncing: ([^\r\n]*)", self.console.tail())
-        return said[-1].decode("utf-8", "replace").strip() if said else ""
+        return stop.panic_reason(self.console.tail())
 
     def report_guest_error(self, message):
         """A guest did something wrong: say so; the guest keeps running."""

@@ -8,6 +8,7 @@ panic or a timeout is never taken for what the guest's command returned.  The la
 knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 """
 
+import re
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -60,6 +61,21 @@ def halted():
 
 def kernel_panic(message):
     return Stop(EXIT_GUEST_CRASH, "kernel panic", message)
+
+
+PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+REASON_MAX = 200                   # characters of the guest's words we repeat
+
+
+def panic_reason(console_tail):
+    """What Linux said as it panicked, from the last console output: the
+    guest's own words, so only printable characters, and not too many of
+    them, reach the host's terminal."""
+    said = PANIC_LINE.findall(console_tail)
+    if not said:
+        return ""
+    text = said[-1].decode("utf-8", "replace").strip()
+    return "".join(c if c.isprintable() else "?" for c in text)[:REASON_MAX]
 
 
 def triple_fault(registers):
