@@ -13,7 +13,8 @@ APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
 	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2 \
 	flex bison bc libelf-dev libssl-dev patch e2fsprogs
 
-.PHONY: all deps install guests hello linux linux-hello test bench debian-kernel clean
+.PHONY: all deps install guests hello linux linux-hello test bench debian-kernel \
+	debian-initramfs clean
 
 all: deps install guests hello linux linux-hello
 
@@ -61,7 +62,6 @@ debian-kernel:
 # An initramfs for that kernel: our lguest bus driver built against its
 # headers, and its own virtio modules (tools/module_initramfs.py).
 DEBIAN_KERNEL = downloads/debian-kernel
-.PHONY: debian-initramfs
 debian-initramfs: debian-kernel
 	$(PYTHON) tools/module_initramfs.py build/debian/initramfs.cpio \
 		--kdir $(DEBIAN_KERNEL)/headers/usr/src/linux-headers-$$(cat $(DEBIAN_KERNEL)/VERSION) \

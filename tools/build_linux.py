@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from apt_packages import PackageError, apt_cache, download, unpack
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GUEST_LINUX = ROOT / "guests" / "linux"
 FRAGMENT = GUEST_LINUX / "pylguest.config"
@@ -57,69 +59,48 @@ def cache_root():
 
 
 def run(argv, log=None, **kwargs):
-    """Run a command; on failure raise BuildError naming it."""
+    """Run a build command, its output into `log` (or kept, for the error
+    line); on failure raise BuildError naming it."""
     try:
         result = subprocess.run(argv, stdout=log or subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, **kwargs)
     except FileNotFoundError:
         raise BuildError(f"{argv[0]} is not installed (`make deps` installs what the build needs)")
     if result.returncode != 0:
-        tail = "" if log else (result.stdout or "").strip().splitlines()[-1:]
+        last = [] if log else (result.stdout or "").strip().splitlines()[-1:]
         raise BuildError(f"`{' '.join(map(str, argv))}` failed"
-                         + (f": {tail[0]}" if tail else ""))
+                         + "".join(f": {line}" for line in last))
     return result.stdout
 
 
 # -- the source ---------------------------------------------------------------------
 
 
-def apt_options():
-    # As root, apt downloads as the _apt user, who cannot write into our
-    # directories; saying so up front keeps apt quiet (fetch_debian_kernel.py).
-    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-
-
 def source_version():
-    """The version apt would download, updating stale package lists once."""
-    for attempt in range(2):
-        out = subprocess.run(["apt-cache", "show", "--no-all-versions", SOURCE_PACKAGE],
-                             capture_output=True, text=True)
-        match = re.search(r"^Version: (\S+)", out.stdout, re.MULTILINE)
-        if match:
-            return match.group(1)
-        if attempt == 0:
-            print(f"build_linux: apt knows no {SOURCE_PACKAGE}; apt-get update", flush=True)
-            run(["apt-get", "update", "-qq"])
-    raise BuildError(f"apt has no package {SOURCE_PACKAGE} (is this Debian 12?)")
+    """The version of the source package that apt would download."""
+    match = re.search(r"^Version: (\S+)",
+                      apt_cache("show", "--no-all-versions", SOURCE_PACKAGE), re.MULTILINE)
+    if not match:
+        raise BuildError(f"apt has no package {SOURCE_PACKAGE} (is this Debian 12?)")
+    return match.group(1)
 
 
 def source_deb(version, cache):
     """The source package's .deb, downloaded into the cache once."""
     directory = cache / "src"
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"{SOURCE_PACKAGE}_{version}_all.deb"
-    deb = directory / name
-    if deb.exists():
-        return deb
-    print(f"build_linux: downloading {SOURCE_PACKAGE} {version}", flush=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        argv = ["apt-get", "download", "-qq", *apt_options(), f"{SOURCE_PACKAGE}={version}"]
-        try:
-            run(argv, cwd=tmp)
-        except BuildError:
-            run(["apt-get", "update", "-qq"])
-            run(argv, cwd=tmp)
-        downloaded = list(pathlib.Path(tmp).glob("*.deb"))
-        if len(downloaded) != 1:
-            raise BuildError(f"apt-get download left {len(downloaded)} .deb files, expected 1")
-        os.replace(downloaded[0], deb)
+    deb = directory / f"{SOURCE_PACKAGE}_{version}_all.deb"
+    if not deb.exists():
+        print(f"build_linux: downloading {SOURCE_PACKAGE} {version}", flush=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            os.replace(download(f"{SOURCE_PACKAGE}={version}", os.path.join(tmp, "deb")), deb)
     return deb
 
 
 def unpack_source(deb, tree):
     """dpkg-deb -x the package, then untar the kernel tarball inside it."""
     with tempfile.TemporaryDirectory(dir=tree.parent) as tmp:
-        run(["dpkg-deb", "-x", str(deb), tmp])
+        unpack([str(deb)], tmp)
         tarballs = list(pathlib.Path(tmp, "usr", "src").glob("linux-source-*.tar.*"))
         if len(tarballs) != 1:
             raise BuildError(f"{deb.name} holds {len(tarballs)} kernel tarballs, expected 1")
@@ -264,7 +245,7 @@ def main(argv=None):
             shutil.copyfile(entry / name, out / f"{name}.partial")
             os.replace(out / f"{name}.partial", out / name)
         (out / "KEY").write_text(key + "\n")
-    except (BuildError, OSError) as e:
+    except (BuildError, PackageError, OSError) as e:
         print(f"build_linux: {e}", file=sys.stderr)
         return 2
     print(f"build_linux: {out / 'bzImage'} ({(out / 'bzImage').stat().st_size} bytes)")

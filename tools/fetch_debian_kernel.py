@@ -52,10 +52,11 @@ ABI since.  Errors are one line on stderr and exit status 2.
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+
+from apt_packages import PackageError, apt_cache, deb_field, download, unpack
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # What a complete DEST holds; vmlinuz, the mark of completeness, comes last.
@@ -66,77 +67,14 @@ HEADER_DEPENDENCIES = ("linux-headers-", "linux-kbuild-")
 STAGING_PREFIX = ".fetch-"
 
 
-class FetchError(Exception):
-    """A failure we report as one line."""
-
-
-def run(argv, **kwargs):
-    """Run a command; on failure raise FetchError with its last stderr line."""
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    except FileNotFoundError:
-        raise FetchError(f"{argv[0]} is not installed (this tool needs Debian's apt and dpkg)")
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        # apt prints warnings before the error; the last E: line says why.
-        errors = [line for line in lines if line.startswith("E:")]
-        why = (errors or lines or [f"exit status {result.returncode}"])[-1]
-        raise FetchError(f"`{' '.join(argv)}` failed: {why}")
-    return result.stdout
-
-
-def apt_options():
-    """As root, apt drops privileges to the _apt user to download, and _apt
-    cannot write into our private (mode 0700) temporary directory; apt then
-    falls back to downloading as root with a warning.  Saying so up front
-    keeps the output quiet and the behaviour the same."""
-    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-
-
-def apt_update():
-    if os.geteuid() != 0:
-        raise FetchError("apt's package lists are empty or stale, and only root can run "
-                         "`apt-get update`")
-    print("fetch_debian_kernel: apt-get update", flush=True)
-    run(["apt-get", "update", "-qq"])
-
-
 def real_package():
     """The package the metapackage's candidate version depends on."""
-    try:
-        out = run(["apt-cache", "depends", METAPACKAGE])
-    except FetchError:
-        # A fresh container has no package lists: apt-cache knows nothing.
-        apt_update()
-        out = run(["apt-cache", "depends", METAPACKAGE])
+    out = apt_cache("depends", METAPACKAGE)
     # "  Depends: linux-image-6.1.0-40-cloud-amd64" ("|Depends:" for an
     # alternative); we want the kernel image, not e.g. an initramfs tool.
     for match in re.finditer(r"^\s*\|?Depends:\s*(linux-image-\S+)", out, re.MULTILINE):
         return match.group(1)
-    raise FetchError(f"`apt-cache depends {METAPACKAGE}` names no linux-image package")
-
-
-def download(package, directory):
-    """`apt-get download` the package ("name" or "name=version") into a new
-    directory; return the .deb path.  A 404 means our package lists are
-    older than the archive (the security archive drops superseded kernels):
-    update them once and retry."""
-    os.makedirs(directory)
-    argv = ["apt-get", "download", "-qq", *apt_options(), package]
-    try:
-        run(argv, cwd=directory)
-    except FetchError:
-        apt_update()
-        run(argv, cwd=directory)
-    debs = [name for name in os.listdir(directory) if name.endswith(".deb")]
-    if len(debs) != 1:
-        raise FetchError(f"apt-get download {package} left {len(debs)} .deb files, expected 1")
-    return os.path.join(directory, debs[0])
-
-
-def deb_field(deb, field):
-    """A field of the package's control file, e.g. its Version."""
-    return run(["dpkg-deb", "--field", deb, field]).strip()
+    raise PackageError(f"`apt-cache depends {METAPACKAGE}` names no linux-image package")
 
 
 def depends_names(deb):
@@ -150,13 +88,6 @@ def depends_names(deb):
     return names
 
 
-def unpack(debs, root):
-    """Unpack the .debs into one directory tree, as dpkg would into /."""
-    for deb in debs:
-        run(["dpkg-deb", "-x", deb, root])
-    return root
-
-
 def kernel_release(image_root, deb):
     """The release of the one kernel in an unpacked image package, taken
     from its boot/vmlinuz-<release>."""
@@ -164,11 +95,11 @@ def kernel_release(image_root, deb):
     images = sorted(name for name in os.listdir(boot) if name.startswith("vmlinuz-")) \
         if os.path.isdir(boot) else []
     if len(images) != 1:
-        raise FetchError(f"{os.path.basename(deb)} has {len(images)} boot/vmlinuz-* "
+        raise PackageError(f"{os.path.basename(deb)} has {len(images)} boot/vmlinuz-* "
                          f"files, expected 1")
     release = images[0][len("vmlinuz-"):]
     if not os.path.isdir(os.path.join(image_root, "lib", "modules", release)):
-        raise FetchError(f"{os.path.basename(deb)} has no lib/modules/{release}")
+        raise PackageError(f"{os.path.basename(deb)} has no lib/modules/{release}")
     return release
 
 
@@ -198,7 +129,7 @@ def relocate_headers(headers_root, release):
         text = f.read()
     match = re.fullmatch(r"include /usr/src/(linux-headers-[^/\s]+)/Makefile\s*", text)
     if not match:
-        raise FetchError(f"{makefile} is not the one `include /usr/src/...` line this tool "
+        raise PackageError(f"{makefile} is not the one `include /usr/src/...` line this tool "
                          f"knows how to repair (a newer Debian layout?)")
     with open(makefile, "w") as f:
         f.write(f"include $(dir $(lastword $(MAKEFILE_LIST)))../{match.group(1)}/Makefile\n")
@@ -300,7 +231,7 @@ def main(argv=None):
         return 2
     try:
         fetch(argv[0])
-    except (FetchError, OSError) as e:
+    except (PackageError, OSError) as e:
         print(f"fetch_debian_kernel: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,12 +34,22 @@ SHUTDOWN_PANIC = 1 << 10
 EARLY_CONSOLE_MAX = 256        # an early-console string is at most this long
 
 
+# The bits above the status, the strongest first: a panic during a halt is
+# a panic.  Each names the Stop it becomes.
+SHUTDOWN_KINDS = (
+    (SHUTDOWN_PANIC, "panic"),
+    (SHUTDOWN_HALT, "halt"),
+    (SHUTDOWN_REBOOT, "reboot"),
+)
+
+
+def shutdown_kind(value):
+    """"panic", "halt", "reboot", or None: a power-off with a status."""
+    return next((kind for bit, kind in SHUTDOWN_KINDS if value & bit), None)
+
+
 def shutdown_text(value):
-    for bit, what in ((SHUTDOWN_PANIC, "panic"), (SHUTDOWN_HALT, "halt"),
-                      (SHUTDOWN_REBOOT, "reboot")):
-        if value & bit:
-            return what
-    return f"status {value & 0xFF}"
+    return shutdown_kind(value) or f"status {value & 0xFF}"
 
 
 class HypercallPage:
@@ -71,11 +81,12 @@ class HypercallPage:
         return self.notify(value)
 
     def shutdown(self, value):
-        if value & SHUTDOWN_PANIC:
+        kind = shutdown_kind(value)
+        if kind == "panic":
             return stop.kernel_panic(self.panic_message() or "the guest kernel panicked")
-        if value & SHUTDOWN_HALT:
+        if kind == "halt":
             return stop.halted()
-        if value & SHUTDOWN_REBOOT:
+        if kind == "reboot":
             return stop.reboot("LHCALL_SHUTDOWN with the reboot bit")
         return stop.shutdown(value & 0xFF)
 

@@ -2,9 +2,10 @@
 
 A guest's own status (LHCALL_SHUTDOWN, bits 0-7) becomes the launcher's
 exit status unchanged, so a CI script can `exit 3` from inside the guest
-and see 3.  Every other way a run ends has a status of its own and a reason,
-which the command line prints as one line on stderr, so that a kernel
-panic or a timeout is never taken for what the guest's command returned.  The launcher's own outcomes use values a shell user already
+and see 3.  Every other way a run ends has a status of its own and a
+reason, which the command line prints as one line on stderr, so that a
+kernel panic or a timeout is never taken for what the guest's command
+returned.  The launcher's own outcomes use values a shell user already
 knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 """
 

@@ -64,11 +64,19 @@ LZ4_MAX_COMPRESSED_BLOCK = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK // 255 + 16
 ZSTD_INPUT_STEP = 1 << 10
 
 
+def format_at(data: bytes, at: int = 0):
+    """The compression format of a stream starting at `at`, or None."""
+    for magic, fmt in MAGICS:
+        if data.startswith(magic, at):
+            return fmt
+    return None
+
+
 def detect_format(payload: bytes) -> str:
     """The compression format of `payload`, by its magic number."""
-    for magic, fmt in MAGICS:
-        if payload.startswith(magic):
-            return fmt
+    fmt = format_at(payload)
+    if fmt is not None:
+        return fmt
     raise BootError(f"unknown compression format (the payload starts with "
                     f"{payload[:6].hex(' ')}); pylguest knows gzip, bzip2, xz, "
                     "lzma, lz4 and zstd")

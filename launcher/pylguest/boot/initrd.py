@@ -25,26 +25,21 @@ stream may not expand beyond MAX_OUTPUT in all, and a malformed one is a
 BootError naming the file and the offset, not a decoder's exception.
 """
 
+import re
+
 from pylguest.boot import cpio
-from pylguest.boot.decompress import MAGICS, MAX_OUTPUT, decompress_stream
+from pylguest.boot.decompress import MAX_OUTPUT, decompress_stream, format_at
 from pylguest.errors import BootError
 
 ALIGN = 4                          # plain archives start 4-byte aligned
-
-
-def _compression(data, at):
-    """The format of a compressed stream starting at `at`, or None."""
-    for magic, fmt in MAGICS:
-        if data.startswith(magic, at):
-            return fmt
-    return None
+_NOT_ZERO = re.compile(rb"[^\0]")
 
 
 def is_initramfs(data):
     """Does this initrd start as an initramfs does: a cpio archive or a
     compressed stream?  Anything else (an old-style filesystem image that
     Linux loads into /dev/ram0) is handed to the kernel untouched."""
-    return data.startswith(cpio.MAGIC) or _compression(data, 0) is not None
+    return data.startswith(cpio.MAGIC) or format_at(data) is not None
 
 
 def decompress_initrd(data, name):
@@ -52,10 +47,8 @@ def decompress_initrd(data, name):
     plain archives only, each 4-byte aligned, ready for the kernel."""
     out = bytearray()
     at = 0
-    while at < len(data):
-        if data[at] == 0:                        # padding between pieces
-            at += 1
-            continue
+    while (piece := _NOT_ZERO.search(data, at)) is not None:
+        at = piece.start()                       # past the padding between pieces
         if data.startswith(cpio.MAGIC, at):
             if at % ALIGN:
                 raise BootError(f"{name}: offset {at}: a cpio archive must start at a "
@@ -67,7 +60,7 @@ def decompress_initrd(data, name):
             out += data[at:end]
             at = end
         else:
-            fmt = _compression(data, at)
+            fmt = format_at(data, at)
             if fmt is None:
                 raise BootError(f"{name}: offset {at}: neither a cpio archive nor a "
                                 f"compressed one (it starts {data[at:at + 6].hex(' ')})")
