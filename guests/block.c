@@ -16,6 +16,17 @@
  *   mode=write        (default) write, FLUSH, read back, verify
  *   mode=read         read only, print a CRC-32 of the bytes read
  *   mode=ro-check     the disk must be read-only: a write must fail
+ *   mode=storm        keep the device busy for as long as it runs: write a
+ *                     marker (sector 0, the pattern) and wait for it, then
+ *                     fill the ring with reads of nearly 4 GiB each (31
+ *                     buffers naming the same 128 MiB of RAM, in indirect
+ *                     tables: the guest needs --mem 256M and a disk of
+ *                     4 GiB or more, sparse will do) and queue each again
+ *                     as it completes.  Meanwhile, with
+ *                     then=status (default) write the status byte again, as
+ *                     a driver may while the device works; with then=reset
+ *                     reset the device.  Either way the launcher must answer
+ *                     at once, not when the reads are done.
  *   indirect=0, event_idx=0   decline those ring features
  *
  * The data written: byte o (0..511) of sector s is ((s * 7 + o) ^ K) & 0xff.
@@ -31,6 +42,9 @@
  *   block: read checksum 0x%08x          mode=read
  *   block: write refused (IOERR)         mode=ro-check
  *   block: <n> requests, <m> indirect
+ *   block: marker written                mode=storm, then
+ *   block: storm of <n> reads of <bytes> bytes queued
+ *   block: status write answered in <ms> ms   (or: reset answered in)
  * exit 0; on a failure a line "block: ..." saying what, exit 1.
  */
 #include "lib/boot_params.h"
@@ -223,7 +237,7 @@ static bool show_config(struct lguest_device *dev, unsigned int disk,
 	return true;
 }
 
-/* --- The three modes. */
+/* --- The three modes that check data. */
 
 static unsigned int chunk(u64 left)
 {
@@ -309,6 +323,85 @@ static bool ro_check(struct lguest_device *dev, u64 first, u64 k)
 	return false;
 }
 
+/* --- mode=storm: requests the launcher cannot finish quickly. */
+
+#define STORM_BUFFER	0x02000000UL	/* 32 MiB: above the guest, below 256 MiB */
+#define STORM_SPAN	(128u << 20)	/* bytes each buffer covers */
+#define STORM_SEGS	31		/* 31 x 128 MiB: just under 2^32 bytes */
+#define STORM_READS	128		/* one ring slot each: indirect */
+#define STORM_HEAD_START_MS	500
+
+static struct virtio_blk_outhdr storm_hdr[STORM_READS];
+static u8 storm_status[STORM_READS];
+static struct vring_desc storm_table[STORM_READS][STORM_SEGS + 2]
+	__attribute__((aligned(16)));
+
+static bool storm_queue(unsigned int i)
+{
+	struct vq_seg out = { &storm_hdr[i], sizeof(storm_hdr[i]) };
+	struct vq_seg in[STORM_SEGS + 1];
+	unsigned int s;
+
+	storm_hdr[i] = (struct virtio_blk_outhdr){ .type = VIRTIO_BLK_T_IN };
+	for (s = 0; s < STORM_SEGS; s++)
+		in[s] = (struct vq_seg){ (void *)STORM_BUFFER, STORM_SPAN };
+	in[STORM_SEGS] = (struct vq_seg){ &storm_status[i], 1 };
+	return vq_add_in_table(&vq, storm_table[i], &out, 1, in, STORM_SEGS + 1,
+			       &storm_hdr[i]) >= 0;
+}
+
+static bool storm(struct lguest_device *dev, u64 capacity, u64 k, bool reset)
+{
+	unsigned int i;
+	u64 start;
+
+	if (capacity < (u64)STORM_SEGS * STORM_SPAN / SECTOR_SIZE) {
+		printf("block: mode=storm needs a disk of 4 GiB\n");
+		return false;
+	}
+	if (!vq.indirect) {
+		printf("block: mode=storm needs indirect descriptors\n");
+		return false;
+	}
+	fill(0, 1, k);
+	if (!check_status(blk_rw(VIRTIO_BLK_T_OUT, 0, 1), "marker write", 0))
+		return false;
+	printf("block: marker written\n");
+
+	for (i = 0; i < STORM_READS; i++)
+		if (!storm_queue(i)) {
+			printf("block: the queue is full\n");
+			return false;
+		}
+	vq_kick(&vq);
+	printf("block: storm of %u reads of %lu bytes queued\n", STORM_READS,
+	       (u64)STORM_SEGS * STORM_SPAN);
+
+	/* Give the launcher's worker time to be well into the first read. */
+	for (start = timer_ms(); timer_ms() - start < STORM_HEAD_START_MS;)
+		sti_hlt();
+	cli();
+	start = timer_ms();
+	if (reset)
+		lguest_reset(dev);
+	else
+		lguest_set_status(dev, lguest_get_status(dev));
+	printf("block: %s answered in %lu ms\n",
+	       reset ? "reset" : "status write", timer_ms() - start);
+	if (reset)
+		halt_forever();		/* only the launcher can end us now */
+
+	for (;;) {			/* keep it busy: each read goes again */
+		struct virtio_blk_outhdr *done;
+
+		vq_wait(&vq, 0);
+		while ((done = vq_get_used(&vq, NULL)) != NULL) {
+			storm_queue(done - storm_hdr);
+			vq_kick(&vq);
+		}
+	}
+}
+
 int guest_main(struct boot_params *bp)
 {
 	unsigned int disk = cmdline_get_u64(bp, "disk", 0);
@@ -351,10 +444,12 @@ int guest_main(struct boot_params *bp)
 		ok = read_checksum(first, count);
 	else if (cmdline_is(bp, "mode", "ro-check"))
 		ok = ro_check(dev, first, k);
+	else if (cmdline_is(bp, "mode", "storm"))
+		ok = storm(dev, capacity, k, cmdline_is(bp, "then", "reset"));
 	else if (!cmdline_get(bp, "mode") || cmdline_is(bp, "mode", "write"))
 		ok = write_and_verify(dev, first, count, k);
 	else {
-		printf("block: unknown mode (write, read, ro-check)\n");
+		printf("block: unknown mode (write, read, ro-check, storm)\n");
 		ok = false;
 	}
 	printf("block: %u requests, %u indirect\n", requests,

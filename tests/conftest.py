@@ -69,6 +69,20 @@ def namespace_with_tap():
         subprocess.run(["ip", "netns", "del", ns], timeout=30)
 
 
+# -- time limits ----------------------------------------------------------------------------
+#
+# pyproject.toml gives every test 60 s (pytest-timeout); a slow test boots
+# Linux with a --timeout of 240 s and gets more.
+
+SLOW_TIMEOUT = 420
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 # -- wall times of slow tests ------------------------------------------------------------
 #
 # A Linux boot or a kernel-module build takes tens of seconds; such a test

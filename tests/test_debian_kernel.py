@@ -143,6 +143,7 @@ def last_line(text):
     return lines[-1] if lines else "(nothing)"
 
 
+@pytest.mark.slow
 def test_debian_kernel_boots_host_decompressed(kvm_available, debian_kernel, initramfs,
                                                record_property):
     kind = detect_kvm_kind()

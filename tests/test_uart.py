@@ -95,16 +95,19 @@ def test_output_in_order_with_few_system_calls(pipe, com1):
     lines = b"".join(b"line %d of the boot log\n" % i for i in range(50))
     send(device, lines)
     assert pipe.read(len(lines)) == lines
-    assert device.output.system_writes == 50      # one per line, not per byte
+    # At most one per line, never one per byte (the writer thread may take
+    # several lines in one write when they come faster than it writes).
+    assert 1 <= device.output.system_writes <= 50
 
 
 def test_output_flushes_at_4k_without_newline(pipe, com1):
     device, _ = com1
     send(device, b"x" * 5000)
-    assert pipe.read(4096) == b"x" * 4096
-    assert device.output.system_writes == 1
+    early = pipe.read(4096)                       # no newline, no flush, no delay
+    assert len(early) >= 4096 and early == b"x" * len(early)
+    assert device.output.system_writes <= 2
     device.output.flush()
-    assert pipe.read(904) == b"x" * 904
+    assert early + pipe.read(5000 - len(early)) == b"x" * 5000
 
 
 def test_partial_line_appears_after_short_delay(pipe):
@@ -167,6 +170,7 @@ def test_partial_writes_are_completed(pipe, monkeypatch):
     monkeypatch.setattr(os, "write", two_bytes_at_a_time)
     output = ConsoleOutput(pipe.w, flush_delay=NEVER)
     output.write(b"abcdefg\n")
+    output.flush()                                # the writer thread is done with it
     monkeypatch.undo()
     output.close()
     assert pipe.read(8) == b"abcdefg\n"

@@ -53,6 +53,7 @@ class DeviceRig:
         self.rings = [RingBuilder(memory, num, pfn)
                       for num, pfn in zip(device.queue_sizes, self.pfns)]
         self.data = Allocator(memory, *data_area)
+        device.start()
 
     def _interrupt(self):
         self.interrupts += 1

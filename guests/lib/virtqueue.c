@@ -153,11 +153,11 @@ static int free_table(struct virtqueue *vq)
  * with VRING_DESC_F_INDIRECT pointing at the table. (The spec forbids
  * WRITE and NEXT on that one: the table's own entries say which is which.)
  */
-static void fill_indirect(struct virtqueue *vq, u16 head, int t,
+static void fill_indirect(struct virtqueue *vq, u16 head,
+			  struct vring_desc *table, int t,
 			  const struct vq_seg *out, unsigned int n_out,
 			  const struct vq_seg *in, unsigned int n_in)
 {
-	struct vring_desc *table = vq->indirect_table[t];
 	unsigned int total = n_out + n_in, i;
 
 	for (i = 0; i < total; i++) {
@@ -173,7 +173,8 @@ static void fill_indirect(struct virtqueue *vq, u16 head, int t,
 		.len = total * sizeof(*table),
 		.flags = VRING_DESC_F_INDIRECT,
 	};
-	vq->indirect_busy[t] = true;
+	if (t >= 0)			/* one of ours, not the caller's */
+		vq->indirect_busy[t] = true;
 	vq->indirect_of[head] = t;
 	vq->chain_len[head] = 1;
 	vq->chain_tail[head] = head;
@@ -203,6 +204,21 @@ static u16 fill_direct(struct virtqueue *vq, u16 head,
 	return last;
 }
 
+/* The chain at `head` is built: count it, and offer it to the device. */
+static int offer(struct virtqueue *vq, u16 head, void *token)
+{
+	vq->num_free -= vq->chain_len[head];
+	vq->token[head] = token;
+
+	/* Offer the head: the entry first, then the index that covers it
+	 * (ordering 1 above: store after store, a compiler barrier). */
+	vq->avail->ring[vq->avail_idx & (vq->num - 1)] = head;
+	barrier();
+	vq->avail_idx++;
+	WRITE_ONCE(vq->avail->idx, vq->avail_idx);
+	return head;
+}
+
 int vq_add(struct virtqueue *vq, const struct vq_seg *out, unsigned int n_out,
 	   const struct vq_seg *in, unsigned int n_in, void *token,
 	   bool use_indirect)
@@ -219,23 +235,29 @@ int vq_add(struct virtqueue *vq, const struct vq_seg *out, unsigned int n_out,
 		return -1;
 
 	if (t >= 0) {
-		fill_indirect(vq, head, t, out, n_out, in, n_in);
+		fill_indirect(vq, head, vq->indirect_table[t], t, out, n_out,
+			      in, n_in);
 		vq->free_head = vq->next_free[head];
 	} else {
 		u16 last = fill_direct(vq, head, out, n_out, in, n_in);
 
 		vq->free_head = vq->next_free[last];
 	}
-	vq->num_free -= vq->chain_len[head];
-	vq->token[head] = token;
+	return offer(vq, head, token);
+}
 
-	/* Offer the head: the entry first, then the index that covers it
-	 * (ordering 1 above: store after store, a compiler barrier). */
-	vq->avail->ring[vq->avail_idx & (vq->num - 1)] = head;
-	barrier();
-	vq->avail_idx++;
-	WRITE_ONCE(vq->avail->idx, vq->avail_idx);
-	return head;
+int vq_add_in_table(struct virtqueue *vq, struct vring_desc *table,
+		    const struct vq_seg *out, unsigned int n_out,
+		    const struct vq_seg *in, unsigned int n_in, void *token)
+{
+	u16 head = vq->free_head;
+
+	if (vq->broken || !vq->indirect || n_out + n_in == 0 || !token ||
+	    vq->num_free < 1)
+		return -1;
+	fill_indirect(vq, head, table, -1, out, n_out, in, n_in);
+	vq->free_head = vq->next_free[head];
+	return offer(vq, head, token);
 }
 
 /* --- Telling the device. */

@@ -155,6 +155,16 @@ int vq_add(struct virtqueue *vq, const struct vq_seg *out, unsigned int n_out,
 	   const struct vq_seg *in, unsigned int n_in, void *token,
 	   bool use_indirect);
 
+/*
+ * The same, always indirect, in a table the caller provides (16-byte
+ * aligned, n_out + n_in entries, untouched until the request comes back):
+ * for a guest that keeps more long requests in flight than our own
+ * VQ_INDIRECT_TABLES allow. Needs VIRTIO_RING_F_INDIRECT_DESC.
+ */
+int vq_add_in_table(struct virtqueue *vq, struct vring_desc *table,
+		    const struct vq_seg *out, unsigned int n_out,
+		    const struct vq_seg *in, unsigned int n_in, void *token);
+
 /* Tell the device about what vq_add() put in the ring, unless it said it
  * does not want to hear (VRING_USED_F_NO_NOTIFY, or avail_event). */
 void vq_kick(struct virtqueue *vq);

@@ -21,11 +21,13 @@ the used ring.  No exit to userspace on the way.
 """
 
 import os
+import time
 
 from pylguest import device_page, layout
 from pylguest.device_page import VqConfig
 from pylguest.errors import UsageError
 from pylguest.memory import PAGE_SIZE
+from pylguest.stop import StopRequest
 from pylguest.virtio.device import STATUS_DRIVER_OK, STATUS_FAILED, QueueWorker
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                                    Virtqueue, VirtqueueError, vring_size)
@@ -61,8 +63,11 @@ class BusDevice:
 
 
 class LguestBus:
-    def __init__(self, devices):
+    CLOSE_TIMEOUT = 1.0        # seconds close() waits for all the device threads
+
+    def __init__(self, devices, stopping=None):
         self.devices = list(devices)
+        self.stopping = stopping or StopRequest()
         self.area_size = PAGE_SIZE + sum(
             ring_pages(num) * PAGE_SIZE for d in self.devices for num in d.queue_sizes)
         self.entries = []
@@ -88,59 +93,71 @@ class LguestBus:
             shapes.append((device.type, vqs, device.host_features(), len(device.config_space())))
         return device_page.layout_slots(shapes)
 
-    def install(self, machine):
-        """Write the page and wire every device to KVM and to the machine."""
-        self.memory = machine.memory
-        self.ram_top = machine.ram_top
-        self.report = machine.report_guest_error
-        tracer = machine.tracer
-        self.trace = tracer.line if tracer else None
+    def install(self, memory, ram_top, vm, hypercalls, report, trace=None):
+        """Write the page at `ram_top` and wire every device: its irqfd and
+        ioeventfds on `vm`, its status address on the hypercall page, its
+        queue workers; then start them."""
+        self.memory = memory
+        self.ram_top = ram_top
+        self.report = report
+        self.trace = trace
         page = self.memory.view(self.ram_top, PAGE_SIZE)
         page[:] = 0
         for device, slot in zip(self.devices, self._plan(self.ram_top)):
             entry = BusDevice(device, slot)
             self.entries.append(entry)
             self.memory.write(self.ram_top + slot.offset, device_page.encode(slot, device.config_space()))
-            self._wire(machine, entry)
+            self._wire(vm, hypercalls, entry)
         for entry in self.entries:
             for worker in entry.workers:
                 worker.start()
+            entry.device.start()
 
-    def _wire(self, machine, entry):
+    def _wire(self, vm, hypercalls, entry):
         device, slot = entry.device, entry.slot
         device.report = self.report
         device.trace = self.trace
         device.memory = self.memory
         entry.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        machine.vm.irqfd(entry.irq_fd, slot.vqs[0].irq if slot.vqs else IRQ_POOL[0])
+        vm.irqfd(entry.irq_fd, slot.vqs[0].irq if slot.vqs else IRQ_POOL[0])
         device.interrupt = lambda fd=entry.irq_fd: os.eventfd_write(fd, 1)
-        status_addr = self.ram_top + slot.offset
-        target = lambda addr, e=entry: self.status_changed(e)
-        target.trace_name = f"{device.name} status"
-        machine.hypercalls.notify_targets[status_addr] = target
+        hypercalls.register_notify(self.ram_top + slot.offset, f"{device.name} status",
+                                   lambda addr, e=entry: self.status_changed(e))
         for index, vq in enumerate(slot.vqs):
             kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            machine.vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
-            machine.hypercalls.kick_names[vq.pfn << 12] = device.queue_label(index)
+            vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
+            hypercalls.register_kick(vq.pfn << 12, device.queue_label(index))
             entry.kick_fds.append(kick_fd)
             entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
                                              on_kick=lambda i, e=entry: self.kicked(e, i)))
 
     # -- what the guest does -------------------------------------------------------
+    #
+    # These run on the vCPU thread, inside the guest's exit: the guest waits
+    # for them.  A device's lock may be held by a worker in the middle of a
+    # request, so the vCPU never waits for it unboundedly: a reset first
+    # tells the device to abandon what it is doing (the lock is then free
+    # within one piece of I/O), and every wait gives way to a stop.
 
     def status_changed(self, entry):
         device = entry.device
         status = self.memory.read_int(self.ram_top + entry.slot.status_offset, 1)
         if self.trace:
             self.trace(f"status {device.name}: {status_text(status)}")
-        with device.lock:
-            if status == 0:
-                self._reset(entry)
-            elif status & STATUS_FAILED:
-                self.report(f"{device.name}: the guest's driver set FAILED; resetting the device")
-                self._reset(entry)
-            elif status & STATUS_DRIVER_OK and not entry.active and not device.broken:
-                self._activate(entry)
+        if status == 0:
+            self._reset(entry)
+        elif status & STATUS_FAILED:
+            self.report(f"{device.name}: the guest's driver set FAILED; resetting the device")
+            self._reset(entry)
+        elif status & STATUS_DRIVER_OK and not entry.active:
+            # Only the vCPU thread and a first kick start a device, and
+            # both check again under the lock.
+            if self.stopping.acquire(device.lock):
+                try:
+                    if not entry.active and not device.broken:
+                        self._activate(entry)
+                finally:
+                    device.lock.release()
         return None
 
     def kicked(self, entry, index):
@@ -176,17 +193,45 @@ class LguestBus:
             self.trace(f"start  {device.name}: features 0x{features:x}")
 
     def _reset(self, entry):
-        entry.device.reset()
-        entry.device.broken = None
-        entry.active = False
-        offset = self.ram_top + entry.slot.guest_features_offset
-        self.memory.write(offset, bytes(device_page.FEATURE_LEN))
+        """Status 0: stop the queues, forget the rings and the features.  The
+        request in flight, if any, is abandoned (the driver is taking the
+        rings back); if the run ends while we wait, the reset is moot."""
+        device = entry.device
+        device.abandon.set()
+        try:
+            if not self.stopping.acquire(device.lock):
+                return
+            try:
+                device.reset()
+                device.broken = None
+                entry.active = False
+                offset = self.ram_top + entry.slot.guest_features_offset
+                self.memory.write(offset, bytes(device_page.FEATURE_LEN))
+            finally:
+                device.lock.release()
+        finally:
+            device.abandon.clear()
 
     def close(self):
+        """Stop every worker and device thread, giving them CLOSE_TIMEOUT
+        seconds in all; whatever is still in a system call then (fdatasync
+        on a slow disk, a write to a stuck socket) keeps its fds, and the
+        process's exit ends it.  Returns the names of devices left running."""
+        deadline = time.monotonic() + self.CLOSE_TIMEOUT
         for entry in self.entries:
+            entry.device.abandon.set()             # never cleared again
             for worker in entry.workers:
-                worker.stop()
-            entry.device.close()
+                worker.request_stop()
+        stuck = []
+        for entry in self.entries:
+            left = lambda: max(0.0, deadline - time.monotonic())
+            # The device's fds are closed only once no worker can use them.
+            ended = all([worker.join(left()) for worker in entry.workers])
+            ended = ended and entry.device.close(left())
+            if not ended:
+                stuck.append(entry.device.name)
+                continue
             for fd in entry.kick_fds + [entry.irq_fd]:
                 if fd >= 0:
                     os.close(fd)
+        return stuck

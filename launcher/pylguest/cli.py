@@ -13,12 +13,16 @@ launcher failure.  Errors are one line on stderr, never a traceback.
 """
 
 import argparse
+import math
 import os
 import re
 import sys
+import threading
 
 from pylguest import stop
 from pylguest.errors import BootError, PylguestError, UsageError
+from pylguest.hostfiles import ensure_standard_fds
+from pylguest.report import say
 
 MiB = 1 << 20
 SIZE_UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30}
@@ -32,13 +36,19 @@ def parse_size(text):
     return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
 
 
+# The longest timeout a timer thread can wait for (about 292 years).
+MAX_TIMEOUT = threading.TIMEOUT_MAX
+
+
 def parse_timeout(text):
+    """A positive, finite number of seconds: not '', not inf, not nan."""
     try:
         seconds = float(text)
     except ValueError:
-        seconds = -1
-    if not seconds > 0:
-        raise UsageError(f"bad --timeout {text!r}: give a positive number of seconds")
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise UsageError(f"bad --timeout {text!r}: give a positive number of seconds, "
+                         f"at most {MAX_TIMEOUT:.0f}")
     return seconds
 
 
@@ -98,13 +108,9 @@ def split_command(argv):
 def command_run(args, command=None):
     from pylguest.machine import Machine, MachineConfig
     from pylguest.terminal import RawTerminal
-    if not os.path.isfile(args.kernel):
-        raise UsageError(f"kernel {args.kernel}: no such file")
-    if args.initrd and not os.path.isfile(args.initrd):
-        raise UsageError(f"initrd {args.initrd}: no such file")
     config = MachineConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                            mem=parse_size(args.mem),
-                           timeout=parse_timeout(args.timeout) if args.timeout else None,
+                           timeout=parse_timeout(args.timeout) if args.timeout is not None else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
                            block=args.block, net=args.net, rng=args.rng, console=args.console,
                            command=command)
@@ -115,17 +121,51 @@ def command_run(args, command=None):
     finally:
         machine.close()
     if result.reason not in ("shutdown", "reboot", "quit"):
-        sys.stderr.write(f"pylguest: {result}\n")
+        say(f"pylguest: {result}")
     return result.status
 
 
 def command_info(args):
     from pylguest.info import describe
-    print(describe())
+    text = (describe() + "\n").encode()
+    try:
+        while text:
+            text = text[os.write(1, text):]
+    except OSError:
+        pass                      # `pylguest info | head -1`: the rest is not wanted
     return 0
 
 
 def main(argv=None):
+    """Run the command line; return the launcher's exit status.  A closed
+    or broken stdout or stderr never changes that status (report.py)."""
+    # Before anything is opened: a closed fd 0-2 must not be the next file.
+    ensure_standard_fds()
+    try:
+        return _main(argv)
+    finally:
+        _quiet_standard_streams()
+
+
+def _quiet_standard_streams():
+    """argparse writes --help and its errors through sys.stdout/stderr; if
+    those cannot be flushed (a broken pipe), point them at /dev/null so
+    that Python's own flush at exit does not turn into exit status 120."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
+def _main(argv):
     try:
         options, command = split_command(sys.argv[1:] if argv is None else list(argv))
         args = build_parser().parse_args(options)
@@ -137,10 +177,10 @@ def main(argv=None):
             raise UsageError("only `pylguest run` takes a command after --")
         return command_info(args)
     except (UsageError, BootError) as e:
-        sys.stderr.write(f"pylguest: {e}\n")
+        say(f"pylguest: {e}")
         return stop.EXIT_USAGE
     except PylguestError as e:
-        sys.stderr.write(f"pylguest: {e}\n")
+        say(f"pylguest: {e}")
         return stop.EXIT_LAUNCHER_ERROR
     except KeyboardInterrupt:
         return stop.EXIT_SIGNAL_BASE + 2

@@ -1,21 +1,25 @@
-"""Where the guest's console output goes: a buffered writer to a host fd.
+"""Where the guest's console output goes: a buffer, and one thread that writes it.
 
 Every console the guest has (the 8250's transmit register, the virtio
 console, the early-console hypercall) ends up here.  The 8250 hands us one
 byte per `out` instruction; one write(2) per byte would cost more than the
 guest's exit did, so bytes collect in a buffer and reach the fd in chunks:
 
-- at once on a newline, so line-by-line output (a boot log) is never late;
-- at once when the buffer reaches FLUSH_SIZE, which bounds memory;
-- otherwise FLUSH_DELAY after the first unwritten byte, by a flusher
-  thread, so a shell prompt with no newline still shows up promptly.
+- soon after a newline, so line-by-line output (a boot log) is never late;
+- soon after the buffer reaches FLUSH_SIZE;
+- otherwise FLUSH_DELAY after the first unwritten byte, so a shell prompt
+  with no newline still shows up promptly.
 
-Two locks, and why: `_lock` (inside `_more`) guards the buffer and is held
-only for moments, so the vCPU thread appending a byte never waits on a
-slow terminal.  `_write_lock` is held across the write(2) calls: it keeps
-chunks in order when the vCPU thread and the flusher flush at the same
-time, and it is what makes a writer wait (back pressure) when the fd is
-stuck and the buffer is full.  Order: `_write_lock` before `_lock`.
+Only the writer thread ever calls write(2).  The fd is the launcher's
+stdout, which may stop taking data at any time (a terminal scrolled back
+with Ctrl-S, a pipe whose reader is busy): a vCPU thread blocked in
+write(2) there could be stopped by nothing, not --timeout and not SIGTERM.
+So the threads that produce output only append to the buffer, under
+`_more`, which is held for moments.  When the buffer holds BUFFER_LIMIT
+bytes, a producer waits for room (back pressure: the guest slows down to
+the terminal's pace rather than losing output), but it waits through the
+run's StopRequest, in slices, and once the run is ending it drops what
+does not fit instead (`dropped`).
 
 A stdout that goes away (the reader of a pipe exits, a terminal hangs up)
 must not kill the launcher: the first such error is remembered in `error`,
@@ -23,40 +27,43 @@ later output is counted in `dropped` and discarded.  Python ignores
 SIGPIPE, so a closed pipe shows up as EPIPE here rather than as a signal.
 """
 
-import errno
 import os
 import select
 import threading
 import time
 from typing import Callable, Optional
 
-FLUSH_SIZE = 4096         # bytes: flush when the buffer holds this many
-FLUSH_DELAY = 0.010       # seconds: the longest an unfinished line waits
-TAIL_SIZE = 4096          # bytes of recent output kept, to explain a stop
+from pylguest.stop import StopRequest
 
-# Errors after which the fd will never take output again.
-_GONE = (errno.EPIPE, errno.EBADF, errno.EIO, errno.ENXIO)
+FLUSH_SIZE = 4096         # bytes: write out as soon as the buffer holds this many
+FLUSH_DELAY = 0.010       # seconds: the longest an unfinished line waits
+BUFFER_LIMIT = 64 * 1024  # bytes a producer may queue before it waits for room
+TAIL_SIZE = 4096          # bytes of recent output kept, to explain a stop
+STOP_DRAIN = 1.0          # seconds close() gives the writer when the run is stopping
 
 
 class ConsoleOutput:
     def __init__(self, fd: int = 1, tee: Optional[Callable[[bytes], None]] = None,
-                 flush_delay: float = FLUSH_DELAY):
+                 flush_delay: float = FLUSH_DELAY, stopping: Optional[StopRequest] = None):
         self.fd = fd
         self.tee = tee                    # also sees every chunk (the Python API);
                                           # it must not write to this output
         self.flush_delay = flush_delay
+        self.stopping = stopping or StopRequest()
         self.system_writes = 0            # write(2) calls made: tests watch this
-        self.dropped = 0                  # bytes lost because the fd went away
+        self.dropped = 0                  # bytes lost: the fd went away, or a stop
         self.error: Optional[OSError] = None
         self._buffer = bytearray()
-        self._tail = bytearray()          # the last TAIL_SIZE bytes written out
+        self._tail = bytearray()          # the last TAIL_SIZE bytes given to us
+        self._queued = 0                  # bytes ever appended to the buffer
+        self._done = 0                    # of those, bytes written out (or dropped)
+        self._urgent = False              # a newline or FLUSH_SIZE: write now
         self._first_byte_time = 0.0       # when the oldest unwritten byte came
         self._closed = False
-        self._write_lock = threading.Lock()
         self._more = threading.Condition(threading.Lock())
-        self._flusher = threading.Thread(target=self._flusher_loop, daemon=True,
-                                         name="pylguest console flusher")
-        self._flusher.start()
+        self._writer = threading.Thread(target=self._writer_loop, daemon=True,
+                                        name="pylguest console writer")
+        self._writer.start()
 
     # -- what the devices call -------------------------------------------------
 
@@ -65,67 +72,89 @@ class ConsoleOutput:
         if not data:
             return
         with self._more:
+            self._tail += data
+            del self._tail[:-TAIL_SIZE]
+            if self._closed:
+                self.dropped += len(data)
+                return
+            if len(self._buffer) >= BUFFER_LIMIT and not self.stopping.wait(
+                    self._more, lambda: len(self._buffer) < BUFFER_LIMIT or self._closed):
+                self.dropped += len(data)       # the run is ending: no more waiting
+                return
             if not self._buffer:
                 self._first_byte_time = time.monotonic()
-                self._more.notify()       # the flusher starts its countdown
             self._buffer += data
-            urgent = (self._closed or b"\n" in data
-                      or len(self._buffer) >= FLUSH_SIZE)
-        if urgent:
-            self.flush()
+            self._queued += len(data)
+            if b"\n" in data or len(self._buffer) >= FLUSH_SIZE:
+                self._urgent = True
+            self._more.notify_all()
 
-    def flush(self) -> None:
-        """Write out everything queued so far, in order."""
-        with self._write_lock:
-            with self._more:
-                chunk = bytes(self._buffer)
-                self._buffer.clear()
-            if chunk:
-                self._emit(chunk)
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything queued so far is written out (or until the
+        run is stopping, or `timeout` passes); True if it was."""
+        with self._more:
+            target = self._queued
+            self._urgent = True
+            self._more.notify_all()
+            return self.stopping.wait(self._more, lambda: self._done >= target, timeout)
 
     def tail(self) -> bytes:
-        """The most recent output (up to TAIL_SIZE bytes), flushed first:
-        what a kernel said just before it stopped, for the stop's reason."""
-        self.flush()
-        with self._write_lock:
+        """The most recent output (up to TAIL_SIZE bytes), written out or
+        not: what a kernel said just before it stopped, for the stop's reason."""
+        with self._more:
             return bytes(self._tail)
 
     def close(self) -> None:
-        """Flush and stop the flusher thread.  The fd stays open: it is the
-        caller's (usually our own stdout).  Later writes go straight out."""
+        """Write out what is queued, and stop the writer thread.  When the
+        run is ending by a stop (a timeout, a signal), the writer gets at
+        most STOP_DRAIN seconds; what a stuck fd did not take is dropped.
+        The fd stays open: it is the caller's (usually our own stdout)."""
+        limit = STOP_DRAIN if self.stopping.pending() is not None else None
         with self._more:
             self._closed = True
-            self._more.notify()
-        self._flusher.join(timeout=5.0)
-        self.flush()
-
-    # -- the flusher thread ------------------------------------------------------
-
-    def _flusher_loop(self):
+            self._urgent = True
+            self._more.notify_all()
+        self._writer.join(limit)
         with self._more:
-            while not self._closed:
-                if not self._buffer:
-                    self._more.wait()
-                    continue
-                wait = self._first_byte_time + self.flush_delay - time.monotonic()
-                if wait > 0:
-                    self._more.wait(wait)
-                    continue
-                # flush() takes _write_lock first: drop ours to keep the order.
-                self._more.release()
-                try:
-                    self.flush()
-                finally:
-                    self._more.acquire()
+            self.dropped += len(self._buffer)
+            self._buffer.clear()
+
+    # -- the writer thread ---------------------------------------------------------
+
+    def _writer_loop(self):
+        while True:
+            with self._more:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    return
+            self._emit(chunk)
+            with self._more:
+                self._done += len(chunk)
+                self._more.notify_all()           # room for producers, news for flush()
+
+    def _next_chunk(self):
+        """Wait (holding _more) until there is something to write now; take
+        it.  None once closed and drained."""
+        while True:
+            if self._buffer:
+                due = self._first_byte_time + self.flush_delay - time.monotonic()
+                if self._urgent or self._closed or due <= 0:
+                    chunk = bytes(self._buffer)
+                    self._buffer.clear()
+                    self._urgent = False
+                    return chunk
+                self._more.wait(due)
+            elif self._closed:
+                return None
+            else:
+                self._more.wait()
 
     # -- the system calls ----------------------------------------------------------
 
     def _emit(self, chunk: bytes) -> None:
-        """Hand one chunk to the tee and to the fd.  Called with _write_lock."""
+        """Hand one chunk to the tee and to the fd (the writer thread only)."""
         if self.tee is not None:
             self.tee(chunk)
-        self._tail += chunk
-        del self._tail[:-TAIL_SIZE]
         if self.error is not None:
             self.dropped += len(chunk)
             return
@@ -142,8 +171,8 @@ class ConsoleOutput:
                 self._wait_writable()
                 continue
             except OSError as e:
-                if e.errno not in _GONE:
-                    raise
+                # EPIPE, EIO (a hung-up terminal), ENOSPC (a file on a full
+                # disk): the fd takes no more, and the guest runs on.
                 self.error = e
                 self.dropped += len(view)
                 return

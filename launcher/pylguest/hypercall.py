@@ -63,7 +63,17 @@ class HypercallPage:
         self.console = console          # has .write(bytes)
         self.report = report            # report(message): a guest error
         self.notify_targets = {}        # guest address -> callable(addr)
+        self.notify_names = {}          # guest address -> "block0 status", for --trace
         self.kick_names = {}            # vring address -> "block0/requests", for --trace
+
+    def register_notify(self, addr, name, target):
+        """LHCALL_NOTIFY(addr) calls target(addr); `name` is for --trace."""
+        self.notify_targets[addr] = target
+        self.notify_names[addr] = name
+
+    def register_kick(self, addr, name):
+        """A vring at addr: its kicks go to an ioeventfd, but --trace names it."""
+        self.kick_names[addr] = name
 
     def contains(self, gpa):
         return self.base <= gpa < self.base + self.size
@@ -109,7 +119,7 @@ class HypercallPage:
             (value,) = struct.unpack("<Q", data)
             if offset == LHCALL_SHUTDOWN:
                 return f"LHCALL_SHUTDOWN({shutdown_text(value)})"
-            name = getattr(self.notify_targets.get(value), "trace_name", None)
+            name = self.notify_names.get(value)
             if name:
                 return f"LHCALL_NOTIFY(0x{value:x}) {name}"
             if value in self.kick_names:

@@ -15,7 +15,6 @@ hypervisor book:
 
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -33,11 +32,13 @@ from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.options import create_devices
 from pylguest.emulate import complete_refused_instruction, instruction_bytes
 from pylguest.errors import UsageError
+from pylguest.hostfiles import read_user_file
 from pylguest.hypercall import HypercallPage
 from pylguest.kvm import Kvm, detect_kvm_kind
 from pylguest.kvm.cpuid import guest_cpuid
 from pylguest.memory import GuestMemory, plan_regions
 from pylguest.ports import PortBus
+from pylguest.report import GuestErrorLog, say
 from pylguest.terminal import InputReader
 from pylguest.trace import Tracer
 
@@ -50,7 +51,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # quiet for many seconds does not look dead (docs/linux.md).
 EMULATING_KVM_NOTICE = (
     "pylguest: this KVM ({module}) emulates guest kernel mode in software, so Linux "
-    "needs about 15-30 s here to reach user space (under a second on hardware KVM)\n")
+    "needs about 15-30 s here to reach user space (under a second on hardware KVM)")
 
 
 @dataclass
@@ -74,31 +75,31 @@ class MachineConfig:
     command: list = None               # `-- CMD ARG...`: run by the initramfs's init
 
 
-def _read_file(path, what):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
-
-
 class Machine:
     def __init__(self, config):
         self.config = config
-        self._requested_stop = None        # set by request_stop(), from any thread
         self.exit_counts = {}              # KVM exit reason (None: EINTR) -> count
+        # The one way a run is asked to end (stop.py): from any thread, or
+        # from a stop signal, which the C handler records.
+        self.stopping = stop.StopRequest(on_request=lambda: lib.pyl_request_stop(0),
+                                         signal_stop=self._signal_stop)
         if not layout.MIN_MEM <= config.mem <= layout.MAX_MEM:
             raise UsageError(f"--mem {config.mem // MiB} MiB is outside "
                              f"{layout.MIN_MEM // MiB} MiB .. {layout.MAX_MEM // MiB} MiB")
-        kernel_image = _read_file(config.kernel, "kernel")
-        initrd_image = _read_file(config.initrd, "initrd") if config.initrd else None
+        kernel_image = read_user_file(config.kernel, "kernel", limit=config.mem)
+        initrd_image = (read_user_file(config.initrd, "initrd", limit=config.mem)
+                        if config.initrd else None)
         self.tracer = Tracer() if config.trace else None
         self.kvm = Kvm()
         self.kvm.require_capabilities()
         self.kvm_kind = detect_kvm_kind()
-        self.console = ConsoleOutput(config.console_fd, tee=config.console_tee)
+        self.console = ConsoleOutput(config.console_fd, tee=config.console_tee,
+                                     stopping=self.stopping)
+        # Guest errors are rate-limited; console output written before one
+        # is shown first (briefly: a stuck terminal must not stall us).
+        self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
         devices, self.socket_console = create_devices(config, self.console)
-        self.bus = LguestBus(devices)
+        self.bus = LguestBus(devices, self.stopping)
         self._create_vm()
         self._create_memory()
         self._boot(kernel_image, initrd_image)
@@ -146,11 +147,16 @@ class Machine:
         self.cmdline = cmdline.compose(config.cmdline, linux=self.kernel.linux,
                                        emulating=self.kvm_kind.emulating,
                                        command=config.command, device_page=self.ram_top)
+        # The command line is bytes to the kernel: the user's non-UTF-8 bytes
+        # (which Python's argv holds as surrogate escapes) pass unchanged.
+        encoded = os.fsencode(self.cmdline)
+        if b"\0" in encoded:
+            raise UsageError("the command line cannot hold a NUL byte")
         limit = loader.cmdline_limit(self.kernel)
-        if len(self.cmdline) > limit:
-            raise UsageError(f"the command line is {len(self.cmdline)} bytes; "
+        if len(encoded) > limit:
+            raise UsageError(f"the command line is {len(encoded)} bytes; "
                              f"this kernel accepts at most {limit}")
-        self.memory.write(layout.CMDLINE_ADDR, self.cmdline.encode() + b"\0")
+        self.memory.write(layout.CMDLINE_ADDR, encoded + b"\0")
         self.memory.write(layout.BOOT_PARAMS_ADDR,
                           build_boot_params(self.kernel.setup_header, self.e820,
                                             layout.CMDLINE_ADDR, initrd))
@@ -212,7 +218,8 @@ class Machine:
                             i8042.REGISTER_NAMES)
         self.hypercalls = HypercallPage(self.memory, self.ram_top, self.console,
                                         self.report_guest_error, self._panic_message)
-        self.bus.install(self)
+        self.bus.install(self.memory, self.ram_top, self.vm, self.hypercalls,
+                         self.report_guest_error, self.tracer.line if self.tracer else None)
         self.virtio_console = next((d for d in self.bus.devices
                                     if isinstance(d, ConsoleDevice)), None)
         if self.socket_console:
@@ -232,18 +239,20 @@ class Machine:
         return stop.panic_reason(self.console.tail())
 
     def report_guest_error(self, message):
-        """A guest did something wrong: say so; the guest keeps running."""
-        self.console.flush()
-        sys.stderr.write(f"pylguest: guest error: {message}\n")
-        sys.stderr.flush()
+        """A guest did something wrong: say so (rate-limited); it keeps running."""
+        self.guest_errors.report(message)
 
     # -- 6: the run loop -------------------------------------------------------
 
     def request_stop(self, reason):
         """Stop the run from any thread (a timer, the input thread, the API)."""
-        if self._requested_stop is None:
-            self._requested_stop = reason
-        lib.pyl_request_stop(signal.SIGALRM)
+        self.stopping.request(reason)
+
+    @staticmethod
+    def _signal_stop():
+        """The Stop for a stop signal the C handler caught, if one came."""
+        signo = lib.pyl_stop_signal()
+        return stop.signal_stop(signo, signal.Signals(signo).name) if signo else None
 
     def run(self):
         """Run the guest until it stops; return a stop.Stop."""
@@ -263,8 +272,7 @@ class Machine:
             timer.start()
         try:
             if self.kernel.linux and self.kvm_kind.emulating:
-                sys.stderr.write(EMULATING_KVM_NOTICE.format(module=self.kvm_kind.module))
-                sys.stderr.flush()
+                say(EMULATING_KVM_NOTICE.format(module=self.kvm_kind.module))
             if self.tracer:
                 self.tracer.event(f"start: {self.kernel.kind}, entry 0x{self.kernel.entry:x}, "
                                   f"KVM {self.kvm_kind.kind}")
@@ -279,7 +287,7 @@ class Machine:
         if self.tracer:
             self.tracer.event(f"stop: {result}")
         if self.config.stats:
-            sys.stderr.write(f"pylguest: {self.exit_summary()}\n")
+            say(f"pylguest: {self.exit_summary()}")
         return result
 
     def _run_loop(self):
@@ -307,13 +315,8 @@ class Machine:
                 return result
 
     def _interrupted(self):
-        """KVM_RUN returned EINTR: a signal, or a stop request, or nothing."""
-        if self._requested_stop is not None:
-            return self._requested_stop
-        signo = lib.pyl_stop_signal()
-        if signo:
-            return stop.signal_stop(signo, signal.Signals(signo).name)
-        return None
+        """KVM_RUN returned EINTR: a stop request or signal, or nothing."""
+        return self.stopping.pending()
 
     def _exit_io(self):
         io = self.vcpu.kvm_run.io
@@ -411,10 +414,15 @@ class Machine:
         return stop.launcher_error(f"unhandled KVM exit reason {reason}: {self.registers_text()}")
 
     def close(self):
-        self.bus.close()
+        """Release everything, promptly: device threads get a second in all
+        (LguestBus.close), and a stopping console a second to drain."""
+        stuck = self.bus.close()
+        if stuck and self.tracer:
+            self.tracer.event(f"close: left {', '.join(stuck)} in a system call")
         if self.socket_console:
             self.socket_console.close()
         self.console.close()
+        self.guest_errors.close()
         self.vcpu.close()
         self.memory.close()
         self.vm.close()

@@ -10,6 +10,7 @@ knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 """
 
 import re
+import time
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -85,3 +86,64 @@ def triple_fault(registers):
 
 def launcher_error(message):
     return Stop(EXIT_LAUNCHER_ERROR, "launcher error", message)
+
+
+# -- asking for a stop, and waiting without holding one hostage ---------------------
+#
+# A run ends through one protocol.  Whoever wants it to end -- the --timeout
+# timer, the input thread on Ctrl-A x, the Python API, a handler of its own
+# -- calls StopRequest.request(stop); a stop signal (SIGTERM, SIGINT,
+# SIGHUP) is recorded by the C handler in csrc/kvm_build.py, since no Python
+# code can run inside a signal handler while the vCPU is in KVM_RUN, and
+# `signal_stop` reads it.  The first request wins.  The run loop asks
+# pending() whenever KVM_RUN returns EINTR, and `on_request` (the machine:
+# set immediate_exit and interrupt the vCPU thread) makes sure it returns.
+#
+# That alone is not enough: the vCPU thread may be waiting for something
+# else when the request comes -- a device's lock while a backend works on a
+# multi-GiB request, room in a console buffer whose terminal has stopped
+# reading.  So no such wait is ever unbounded: each waits in slices of
+# SLICE seconds and gives up once pending() says the run is ending.
+
+
+class StopRequest:
+    SLICE = 0.05                   # seconds: the longest a stop waits for a wait
+
+    def __init__(self, on_request=None, signal_stop=None):
+        self._stop = None
+        self._on_request = on_request      # () -> None: wake the vCPU thread
+        self._signal_stop = signal_stop    # () -> Stop or None: a stop signal seen
+
+    def request(self, stop: Stop) -> None:
+        """End the run with `stop`, from any thread (the first request wins)."""
+        if self._stop is None:
+            self._stop = stop
+        if self._on_request is not None:
+            self._on_request()
+
+    def pending(self):
+        """The Stop the run is ending with, or None while it goes on."""
+        if self._stop is not None:
+            return self._stop
+        return self._signal_stop() if self._signal_stop is not None else None
+
+    def acquire(self, lock) -> bool:
+        """Take `lock`, unless the run ends first: True if it was taken."""
+        while not lock.acquire(timeout=self.SLICE):
+            if self.pending() is not None:
+                return False
+        return True
+
+    def wait(self, condition, predicate, timeout=None) -> bool:
+        """condition.wait_for(predicate), in slices, giving up when the run
+        ends or `timeout` passes; the caller holds `condition`.  True if
+        the predicate came true."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate():
+            if self.pending() is not None:
+                return False
+            left = self.SLICE if deadline is None else min(self.SLICE, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            condition.wait(left)
+        return True

@@ -24,7 +24,6 @@ are no escapes: scripted input may contain 0x01 and must arrive untouched.
 import atexit
 import os
 import select
-import sys
 import termios
 import threading
 from typing import Callable, Optional
@@ -139,8 +138,8 @@ class EscapeDecoder:
 
 def write_help_to_stderr():
     try:
-        os.write(sys.stderr.fileno(), HELP_TEXT)
-    except (OSError, ValueError):
+        os.write(2, HELP_TEXT)
+    except OSError:
         pass
 
 

@@ -13,9 +13,10 @@ Tracing costs nothing when off: the run loop only calls a Tracer if there
 is one.
 """
 
-import sys
 import threading
 import time
+
+from pylguest.report import say
 
 
 def _printable(value):
@@ -23,8 +24,8 @@ def _printable(value):
 
 
 class Tracer:
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
+    def __init__(self, write=say):
+        self.write = write             # one line of text; stderr by default
         self.start = time.monotonic()
         # The vCPU thread and every queue worker trace: one line at a time.
         self._lock = threading.Lock()
@@ -32,8 +33,7 @@ class Tracer:
     def line(self, text):
         elapsed = time.monotonic() - self.start
         with self._lock:
-            self.stream.write(f"[{elapsed:12.6f}] {text}\n")
-            self.stream.flush()
+            self.write(f"[{elapsed:12.6f}] {text}")
 
     def io_out(self, port, size, value, name):
         self.line(f"io  out 0x{port:x} {name} = 0x{value:0{2 * size}x}{_printable(value)}")

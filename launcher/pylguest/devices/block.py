@@ -13,6 +13,12 @@ memory (numpy views of the guest's buffers), with no copy in between.
 Never lose data: a write the guest sees complete has been handed to the
 file (pwritev returned every byte), FLUSH means fdatasync, and a read-only
 image answers every write with IOERR.
+
+One request may move up to 4 GiB.  It moves in system calls of at most
+IO_CHUNK bytes (and IOV_MAX buffers), and between them the device checks
+whether a reset or the end of the run is waiting (check_abandoned): then
+the request stops where it is and is never pushed, so the guest never sees
+it complete, and nobody waits for the rest of it.
 """
 
 import fcntl
@@ -21,8 +27,9 @@ import struct
 from dataclasses import dataclass
 
 from pylguest.errors import UsageError
+from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import VirtioDevice
-from pylguest.virtio.queue import Buffer, VirtqueueError
+from pylguest.virtio.queue import Buffer, VirtqueueError, slice_buffers
 
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512
@@ -44,17 +51,8 @@ VIRTIO_BLK_F_FLUSH = 9
 
 HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
 QUEUE_SIZE = 128
-
-
-def slice_buffers(buffers, start, end):
-    """The byte range [start, end) of a list of buffers, as buffers."""
-    out, position = [], 0
-    for buf in buffers:
-        lo, hi = max(start, position), min(end, position + buf.length)
-        if lo < hi:
-            out.append(Buffer(buf.gpa + lo - position, hi - lo))
-        position += buf.length
-    return tuple(out)
+IO_CHUNK = 1 << 20                  # bytes per preadv/pwritev: the longest a stop waits
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv/pwritev (1024 on Linux)
 
 
 @dataclass(frozen=True)
@@ -98,10 +96,10 @@ class BlockDevice(VirtioDevice):
         super().__init__(name)
         self.path = path
         self.read_only = read_only
-        try:
-            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise UsageError(f"--block {path}: {e.strerror}") from None
+        # A regular file or a host block device; a FIFO, a directory or a
+        # character device is refused, without blocking (hostfiles.py).
+        self.fd = open_user_file(path, "--block", os.O_RDONLY if read_only else os.O_RDWR,
+                                 kinds=(REGULAR, BLOCK_DEVICE))
         try:
             # Two launchers writing one image would corrupt it: refuse.
             fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -109,8 +107,12 @@ class BlockDevice(VirtioDevice):
             os.close(self.fd)
             raise UsageError(f"--block {path}: the image is already in use (another launcher, "
                              "or the same image given twice)") from None
-        size = os.fstat(self.fd).st_size
-        self.capacity = size // SECTOR_SIZE          # in sectors
+        size = disk_size(self.fd)
+        if size < SECTOR_SIZE:
+            os.close(self.fd)
+            raise UsageError(f"--block {path}: {size} bytes is less than one {SECTOR_SIZE}-byte "
+                             "sector (an unattached loop device, an empty file?)")
+        self.capacity = size // SECTOR_SIZE          # in sectors; a partial last one is unused
         self.requests_served = 0
 
     def device_features(self):
@@ -125,18 +127,17 @@ class BlockDevice(VirtioDevice):
         return struct.pack("<QIIHBBI", self.capacity, 0, 0, 0, 0, 0, SECTOR_SIZE)
 
     def process(self, index, vq):
-        pushed = False
-        while (chain := vq.pop_with_notify()) is not None:
-            request = BlockRequest.parse(chain, self.memory, self.queue_label(index))
-            status, written = self.execute(request)
-            if self.trace:
-                self.trace(f"req   {self.queue_label(index)}: {describe(request)} -> "
-                           f"{STATUS_NAMES.get(status, status)}")
-            self.memory.write(request.status.gpa, bytes([status]))
-            vq.push(chain, written + 1)
-            self.requests_served += 1
-            pushed = True
-        return pushed
+        return self.drain(vq, lambda chain: self._serve(index, chain))
+
+    def _serve(self, index, chain):
+        request = BlockRequest.parse(chain, self.memory, self.queue_label(index))
+        status, written = self.execute(request)
+        if self.trace:
+            self.trace(f"req   {self.queue_label(index)}: {describe(request)} -> "
+                       f"{STATUS_NAMES.get(status, status)}")
+        self.memory.write(request.status.gpa, bytes([status]))
+        self.requests_served += 1
+        return written + 1
 
     def execute(self, request):
         """Do the I/O; return (status, bytes written into guest buffers)."""
@@ -155,14 +156,10 @@ class BlockDevice(VirtioDevice):
             return False
         return request.sector + request.data_len // SECTOR_SIZE <= self.capacity
 
-    def _views(self, request):
-        return [self.memory.view(b.gpa, b.length) for b in request.data]
-
     def _read(self, request):
         if not self._in_range(request):
             return VIRTIO_BLK_S_IOERR, 0
-        views = self._views(request)
-        done = _transfer(os.preadv, self.fd, views, request.sector * SECTOR_SIZE)
+        done = self._transfer(os.preadv, request)
         if done != request.data_len:
             return VIRTIO_BLK_S_IOERR, done
         return VIRTIO_BLK_S_OK, done
@@ -170,8 +167,21 @@ class BlockDevice(VirtioDevice):
     def _write(self, request):
         if self.read_only or not self._in_range(request):
             return VIRTIO_BLK_S_IOERR, 0
-        done = _transfer(os.pwritev, self.fd, self._views(request), request.sector * SECTOR_SIZE)
+        done = self._transfer(os.pwritev, request)
         return (VIRTIO_BLK_S_OK if done == request.data_len else VIRTIO_BLK_S_IOERR), 0
+
+    def _transfer(self, call, request):
+        """preadv/pwritev the request's data, IO_CHUNK bytes at a time,
+        until every byte moved, EOF, or an error; the count.  Between the
+        calls, a waiting reset or stop abandons the request."""
+        done, offset = 0, request.sector * SECTOR_SIZE
+        for views in _batches(self.memory, request.data):
+            self.check_abandoned()
+            moved = _move(call, self.fd, views, offset + done)
+            done += moved
+            if moved < sum(len(v) for v in views):
+                break                         # EOF or an error: the rest fails too
+        return done
 
     def _flush(self):
         if self.read_only:
@@ -193,10 +203,11 @@ class BlockDevice(VirtioDevice):
             written += len(chunk)
         return VIRTIO_BLK_S_OK, written
 
-    def close(self):
+    def close(self, timeout=5.0):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        return True
 
 
 REQUEST_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
@@ -213,8 +224,26 @@ def describe(request):
     return name
 
 
-def _transfer(call, fd, views, offset):
-    """preadv/pwritev until every byte moved, EOF, or an error; the count."""
+def _batches(memory, buffers):
+    """The buffers as lists of numpy views, each list at most IO_CHUNK
+    bytes and IOV_MAX views: one system call's worth.  A buffer longer
+    than what is left of a batch is cut, and goes on in the next."""
+    batch, size = [], 0
+    for buf in buffers:
+        at, left = buf.gpa, buf.length
+        while left:
+            n = min(left, IO_CHUNK - size)
+            batch.append(memory.view(at, n))
+            size, at, left = size + n, at + n, left - n
+            if size == IO_CHUNK or len(batch) == IOV_MAX:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _move(call, fd, views, offset):
+    """One batch: preadv/pwritev until every byte moved, EOF, or an error."""
     done, total = 0, sum(len(v) for v in views)
     while views:
         try:
@@ -229,4 +258,4 @@ def _transfer(call, fd, views, offset):
             views = views[1:]
         if views and n:
             views = [views[0][n:]] + views[1:]
-    return done if done <= total else total
+    return min(done, total)

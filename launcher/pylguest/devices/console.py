@@ -10,6 +10,10 @@ delivered whenever buffers appear, on the next kick of the receive queue.
 
 Where the bytes go is the backend's business: stdio (the launcher's own
 terminal, shared with the UART) or a unix socket (socket_backend.py).
+
+A transmit chain may describe up to 4 GiB, and its buffers may all name
+the same guest pages: it is streamed to the backend PIECE bytes at a time,
+never gathered, so one request costs the host one piece of memory.
 """
 
 
@@ -19,6 +23,7 @@ VIRTIO_ID_CONSOLE = 3
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 64
 PENDING_LIMIT = 64 * 1024        # input kept while the guest reads nothing
+PIECE = 64 * 1024                # bytes of a transmit chain handed on at a time
 
 
 class ConsoleDevice(VirtioDevice):
@@ -38,21 +43,21 @@ class ConsoleDevice(VirtioDevice):
         return self._deliver(vq)
 
     def _transmit(self, vq):
-        pushed = False
-        while (chain := vq.pop_with_notify()) is not None:
-            self.output(chain.read_all(self.memory))
-            vq.push(chain, 0)
-            pushed = True
-        return pushed
+        return self.drain(vq, self._send)
+
+    def _send(self, chain):
+        for piece in chain.readable_pieces(self.memory, PIECE):
+            self.check_abandoned()
+            self.output(piece)
+        return 0                          # nothing written into the chain
 
     def _deliver(self, vq):
-        pushed = False
-        while self.pending and (chain := vq.pop_with_notify()) is not None:
-            written = chain.write(self.memory, bytes(self.pending))
-            del self.pending[:written]
-            vq.push(chain, written)
-            pushed = True
-        return pushed
+        return self.drain(vq, self._fill, more=lambda: bool(self.pending))
+
+    def _fill(self, chain):
+        written = chain.write(self.memory, bytes(self.pending))
+        del self.pending[:written]
+        return written
 
     @property
     def accepting_input(self):

@@ -14,7 +14,19 @@ guest memory, header included.
 Receiving needs a thread of its own: frames arrive when the outside world
 sends them, not when the guest kicks.  When the guest has no buffers posted
 the thread stops reading the tap (the kernel queues, then drops, as a full
-NIC would) until a kick of receiveq says buffers are back.
+NIC would) until a kick of receiveq says buffers are back.  Both the thread
+and that kick move frames through the same service path, under the
+device's lock, so only one of them reads the tap at a time.
+
+The guest's side of a frame is checked like every other guest value: a
+transmit chain must hold at least the virtio_net_hdr and at most
+MAX_FRAME bytes (a 65535-byte packet with its ethernet and VLAN headers:
+more than any driver that did not negotiate GSO may send), and a receive
+chain must have room for the header; otherwise the device is broken until
+the guest resets it.  Nothing the guest describes is copied whole: frames
+move by writev/readv straight between the tap and guest memory, or, when
+a driver scatters one over more than IOV_MAX buffers, through one bounce
+buffer of MAX_FRAME bytes.
 """
 
 import fcntl
@@ -25,12 +37,17 @@ import threading
 
 from pylguest._kvm import lib
 from pylguest.errors import UsageError
+from pylguest.hostfiles import oserror_text
 from pylguest.virtio.device import VirtioDevice
-from pylguest.virtio.queue import VirtqueueError
+from pylguest.virtio.queue import VirtqueueError, slice_buffers
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_MAC = 5
 VNET_HDR_SIZE = 10                  # legacy struct virtio_net_hdr, no MRG_RXBUF
+# A frame as the device sees it: the header, then an ethernet frame of up
+# to a 65535-byte packet behind a 14-byte header and a 4-byte VLAN tag.
+MAX_FRAME = VNET_HDR_SIZE + 14 + 4 + 65535
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256
 
@@ -55,7 +72,7 @@ def open_tap(name):
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
-        raise UsageError(f"--net tap:{name}: cannot open /dev/net/tun: {e.strerror}") from None
+        raise UsageError(f"--net tap:{name}: cannot open /dev/net/tun: {oserror_text(e)}") from None
     request = bytearray(lib.PYL_IFREQ_SIZE)
     struct.pack_into(f"{lib.IFNAMSIZ}sH", request, 0, name.encode(),
                      lib.IFF_TAP | lib.IFF_NO_PI | lib.IFF_VNET_HDR)
@@ -64,7 +81,7 @@ def open_tap(name):
         fcntl.ioctl(fd, lib.TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
     except OSError as e:
         os.close(fd)
-        raise UsageError(f"--net tap:{name}: {e.strerror}") from None
+        raise UsageError(f"--net tap:{name}: {oserror_text(e)}") from None
     return fd
 
 
@@ -73,16 +90,22 @@ class NetDevice(VirtioDevice):
     queue_names = ("receiveq", "transmitq")
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name, tap_name, mac):
+    def __init__(self, name, tap_name, mac, tap_fd=None):
+        """`tap_fd`: an open tap (or, in tests, any fd that keeps frame
+        boundaries, such as a SOCK_SEQPACKET socket); opened here if None."""
         super().__init__(name)
         self.tap_name = tap_name
         self.mac = mac
-        self.tap = open_tap(tap_name)
-        self.frames_sent = self.frames_received = 0
+        self.tap = open_tap(tap_name) if tap_fd is None else tap_fd
+        self.frames_sent = self.frames_received = self.frames_dropped = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
+        self._starved = True          # no receive buffers we know of: don't read the tap
+        self._bounce = None           # MAX_FRAME bytes, made the first time one is needed
         self._rx_thread = threading.Thread(target=self._receive_loop, daemon=True,
                                            name=f"pylguest {name}/tap")
+
+    def start(self):
         self._rx_thread.start()
 
     def device_features(self):
@@ -91,28 +114,88 @@ class NetDevice(VirtioDevice):
     def config_space(self):
         return self.mac
 
-    # -- transmit: the guest kicked transmitq ------------------------------------
+    def activate(self, queues, guest_features):
+        super().activate(queues, guest_features)
+        self._set_starved(False)      # look at the receive ring, and the tap
+
+    def reset(self):
+        super().reset()
+        self._starved = True
 
     def process(self, index, vq):
         if index == TRANSMITQ:
-            return self._transmit(vq)
-        self._wake()                      # receiveq kicked: buffers are back
-        return False
+            return self.drain(vq, self._send)
+        return self._receive(vq)
 
-    def _transmit(self, vq):
+    # -- transmit: the guest kicked transmitq ------------------------------------
+
+    def _send(self, chain):
+        if not VNET_HDR_SIZE <= chain.readable_len <= MAX_FRAME:
+            raise VirtqueueError(
+                f"{self.queue_label(TRANSMITQ)}: the frame from head {chain.head} is "
+                f"{chain.readable_len} bytes; with its {VNET_HDR_SIZE}-byte virtio_net_hdr "
+                f"a frame is {VNET_HDR_SIZE} to {MAX_FRAME} (virtio 5.1.6)", chain.head)
+        if len(chain.readable) <= IOV_MAX:
+            frame = chain.readable_views(self.memory)
+        else:
+            frame = [b"".join(chain.readable_pieces(self.memory, MAX_FRAME))]
+        try:
+            os.writev(self.tap, frame)
+            self.frames_sent += 1
+        except OSError:
+            self.frames_dropped += 1      # like a NIC whose link is down: dropped
+        return 0                          # nothing written into the chain
+
+    # -- receive: the tap has a frame, or the guest posted buffers ---------------
+
+    def _receive(self, vq):
+        """Move frames from the tap into posted buffers, while there are both."""
         pushed = False
-        while (chain := vq.pop_with_notify()) is not None:
-            views = [self.memory.view(b.gpa, b.length) for b in chain.readable]
-            try:
-                os.writev(self.tap, views)
-                self.frames_sent += 1
-            except OSError:
-                pass                      # like a NIC whose link is down: dropped
-            vq.push(chain, 0)
+        # Only one thread at a time gets here (the device's lock), and only
+        # here is the tap read: a frame seen is still there when we read it,
+        # so no chain is popped in vain.
+        while self._tap_has_frame():
+            chain = vq.pop_with_notify()
+            if chain is None:
+                self._set_starved(True)   # until a kick of receiveq
+                return pushed
+            self.check_abandoned()
+            vq.push(chain, self._read_frame(chain))
             pushed = True
+        # The tap is empty, not the ring (or we do not know it is): watch the
+        # tap again.  After a kick this is what ends a starvation.
+        self._set_starved(False)
         return pushed
 
-    # -- receive: the tap has a frame ---------------------------------------------
+    def _read_frame(self, chain):
+        """One frame from the tap into the chain's writable buffers; the bytes
+        written (a frame longer than the room is cut, as a tap cuts it)."""
+        if chain.writable_len < VNET_HDR_SIZE:
+            raise VirtqueueError(
+                f"{self.queue_label(RECEIVEQ)}: the buffer from head {chain.head} has "
+                f"{chain.writable_len} writable bytes, less than the {VNET_HDR_SIZE}-byte "
+                "virtio_net_hdr every frame starts with (virtio 5.1.6)", chain.head)
+        room = slice_buffers(chain.writable, 0, MAX_FRAME)
+        try:
+            if len(room) <= IOV_MAX:
+                received = os.readv(self.tap, [self.memory.view(b.gpa, b.length) for b in room])
+            else:
+                if self._bounce is None:
+                    self._bounce = bytearray(MAX_FRAME)
+                n = os.readv(self.tap, [self._bounce])
+                received = chain.write(self.memory, memoryview(self._bounce)[:n])
+        except OSError as e:
+            # The buffer goes back empty; the guest's driver counts it as
+            # an rx error, as for a bad frame.
+            self.report(f"{self.name}: reading tap {self.tap_name} failed: {oserror_text(e)}")
+            received = 0
+        self.frames_received += received > 0
+        return received
+
+    def _set_starved(self, starved):
+        was, self._starved = self._starved, starved
+        if was and not starved:
+            self._wake()                  # the receive thread watches the tap again
 
     def _wake(self):
         try:
@@ -121,15 +204,17 @@ class NetDevice(VirtioDevice):
             pass                          # already awake
 
     def _receive_loop(self):
-        starved = False               # the guest has no receive buffers posted
         while not self._stop:
-            watch = [self._wake_r] if starved else [self._wake_r, self.tap]
+            watch = [self._wake_r] if self._starved else [self._wake_r, self.tap]
             ready, _, _ = select.select(watch, [], [])
             if self._wake_r in ready:
                 self._drain_wakeups()
             if self._stop:
                 return
-            starved = not self._receive_frames()
+            if self.tap in ready:
+                self.service(RECEIVEQ)
+                if not self.queues or self.broken:
+                    self._starved = True  # frames wait in the tap until a start or reset
 
     def _drain_wakeups(self):
         try:
@@ -141,44 +226,15 @@ class NetDevice(VirtioDevice):
     def _tap_has_frame(self):
         return bool(select.select([self.tap], [], [], 0)[0])
 
-    def _receive_frames(self):
-        """Move frames from the tap into posted buffers.  Returns False when
-        the guest ran out of buffers (stop reading the tap until a kick)."""
-        with self.lock:
-            if not self.queues or self.broken:
-                return False
-            vq = self.queues[RECEIVEQ]
-            pushed, have_buffers = False, True
-            try:
-                # Only this thread reads the tap, so a frame seen here is
-                # still there when we read it: no chain is popped in vain.
-                while self._tap_has_frame():
-                    chain = vq.pop_with_notify()
-                    if chain is None:
-                        have_buffers = False
-                        break
-                    views = [self.memory.view(b.gpa, b.length) for b in chain.writable]
-                    try:
-                        received = os.readv(self.tap, views)
-                    except OSError as e:
-                        # The buffer goes back empty; the guest's driver
-                        # counts it as an rx error, as for a bad frame.
-                        self.report(f"{self.name}: reading tap {self.tap_name} failed: {e.strerror}")
-                        received = 0
-                    vq.push(chain, received)
-                    self.frames_received += received > 0
-                    pushed = True
-            except VirtqueueError as e:
-                self.mark_broken(str(e))
-                return False
-            if pushed and vq.needs_interrupt():
-                self.raise_interrupt(RECEIVEQ)
-            return have_buffers
-
-    def close(self):
+    def close(self, timeout=5.0):
+        """Stop the receive thread; True (and the fds closed) once it ended."""
         self._stop = True
         self._wake()
-        self._rx_thread.join(timeout=5)
+        if self._rx_thread.is_alive():
+            self._rx_thread.join(timeout)
+            if self._rx_thread.is_alive():
+                return False
         os.close(self.tap)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        return True

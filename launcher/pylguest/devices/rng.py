@@ -25,15 +25,14 @@ class RngDevice(VirtioDevice):
         self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
 
     def process(self, index, vq):
-        pushed = False
-        while (chain := vq.pop_with_notify()) is not None:
-            wanted = min(chain.writable_len, MAX_BYTES_PER_REQUEST)
-            written = chain.write(self.memory, os.read(self.fd, wanted)) if wanted else 0
-            vq.push(chain, written)
-            pushed = True
-        return pushed
+        return self.drain(vq, self._fill)
 
-    def close(self):
+    def _fill(self, chain):
+        wanted = min(chain.writable_len, MAX_BYTES_PER_REQUEST)
+        return chain.write(self.memory, os.read(self.fd, wanted)) if wanted else 0
+
+    def close(self, timeout=5.0):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        return True

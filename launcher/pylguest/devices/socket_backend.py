@@ -4,8 +4,17 @@ The launcher listens at PATH; one client at a time is the console (connect
 with `socat - UNIX-CONNECT:PATH`, or from a test).  What the guest writes
 while nobody is connected is dropped, like a serial line with nothing
 plugged in; a new client replaces an old one.
+
+The path is the user's, so it is claimed with care.  A socket file left
+by a launcher that was killed is stale and is replaced; a live one, or
+anything that is not a socket, is never touched.  Which is which is
+decided under a lock, PATH.lock (flock, held for the whole run), so two
+launchers starting together cannot both decide the path is free; a
+socket that a program other than pylguest listens on is found by
+connecting to it.
 """
 
+import fcntl
 import os
 import select
 import socket
@@ -13,24 +22,84 @@ import stat
 import threading
 
 from pylguest.errors import UsageError
+from pylguest.hostfiles import file_kind, oserror_text
 
 SEND_TIMEOUT = 1.0                 # seconds a client may keep us waiting
+
+
+SUN_PATH_MAX = 107                 # sockaddr_un.sun_path: 108 bytes with the NUL
+CLAIM_TRIES = 5
+
+
+def _error(path, text):
+    return UsageError(f"--console socket:{path}: {text}")
+
+
+def _lock_path(path):
+    """PATH.lock, flock'ed for as long as we own PATH: returns its fd."""
+    lock_path = path + ".lock"
+    for _ in range(CLAIM_TRIES):
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _error(path, f"cannot create its lock file {lock_path}: {oserror_text(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _error(path, "another pylguest is serving its console there") from None
+        # A launcher that was closing may have unlinked the file between
+        # our open and our flock: then we hold a lock nobody else can see.
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise _error(path, f"its lock file {lock_path} keeps changing")
+
+
+def _clear_stale(path):
+    """Remove a socket at `path` that nobody listens on; refuse anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise _error(path, f"exists and is a {file_kind(mode)}, not a socket; "
+                           "remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)                     # stale: left by a launcher that died
+        return
+    except OSError:
+        pass                                # not ours to judge: let bind() say
+    else:
+        raise _error(path, "another program is listening on that socket")
+    finally:
+        probe.close()
 
 
 class SocketConsole:
     def __init__(self, path):
         self.path = path
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise _error(path, f"the path is {len(os.fsencode(path))} bytes; a unix socket's "
+                               f"can be at most {SUN_PATH_MAX}")
+        self._lock_fd = _lock_path(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)        # a stale socket from an earlier run
-            except FileNotFoundError:
-                pass
-            self.listener.bind(path)       # anything else there: EADDRINUSE
-        except OSError as e:
+            _clear_stale(path)
+            self.listener.bind(path)
+        except (OSError, UsageError) as e:
             self.listener.close()
-            raise UsageError(f"--console socket:{path}: {e.strerror}") from None
+            self._release_lock()
+            if isinstance(e, UsageError):
+                raise
+            raise _error(path, oserror_text(e)) from None
         self.listener.listen(1)
         self.client = None
         self.receive = None               # set to the device's receive(bytes)
@@ -107,3 +176,15 @@ class SocketConsole:
             os.unlink(self.path)
         except OSError:
             pass
+        self._release_lock()
+
+    def _release_lock(self):
+        """Unlink PATH.lock while still holding it, then let it go."""
+        if self._lock_fd < 0:
+            return
+        try:
+            os.unlink(self.path + ".lock")
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = -1

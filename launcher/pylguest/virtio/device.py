@@ -17,6 +17,15 @@ Anything a guest gets wrong in a queue raises VirtqueueError; the worker
 catches it at one place, marks the device broken with a message naming the
 device and queue, and stops serving it.  The guest can reset the device to
 bring it back; the rest of the machine never notices.
+
+A request in flight can be abandoned.  A guest's reset, and the end of the
+run, must not wait for a backend busy with a multi-GiB request (the vCPU
+thread would wait with it, and so would --timeout and SIGTERM).  So backends
+move data in bounded pieces and call check_abandoned() between them; once
+`abandon` is set (by the bus's reset, or by close), the request in flight
+raises RequestAbandoned, is never pushed, and the device's lock is free
+within one piece.  The guest never saw that request complete, so nothing
+it was told is lost: what it saw complete was pushed after its I/O was done.
 """
 
 import abc
@@ -35,6 +44,10 @@ STATUS_FAILED = 0x80
 
 # The ring features every device offers (virtio spec 6).
 RING_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+
+class RequestAbandoned(Exception):
+    """The device is being reset or closed: drop the request in flight."""
 
 
 class VirtioDevice(abc.ABC):
@@ -58,6 +71,8 @@ class VirtioDevice(abc.ABC):
         # One lock per device: the vCPU thread (status changes), the queue
         # workers (kicks) and input threads all reach the same queues.
         self.lock = threading.RLock()
+        # Set while a reset or close waits for the lock: work in flight stops.
+        self.abandon = threading.Event()
 
     # -- what the device offers ------------------------------------------------
 
@@ -91,11 +106,27 @@ class VirtioDevice(abc.ABC):
         """Serve queue `index`: pop chains, do the work, push them back.
         Returns True if anything was pushed (so an interrupt may be due)."""
 
+    def drain(self, vq, serve, more=None):
+        """The loop every queue runs: pop a chain, serve(chain) -> bytes
+        written into it, push it back; until the queue is empty (or
+        more() says stop).  Returns True if anything was pushed."""
+        pushed = False
+        while (more is None or more()) and (chain := vq.pop_with_notify()) is not None:
+            self.check_abandoned()
+            vq.push(chain, serve(chain))
+            pushed = True
+        return pushed
+
+    def check_abandoned(self):
+        """Between pieces of work: stop here if a reset or close is waiting."""
+        if self.abandon.is_set():
+            raise RequestAbandoned(self.name)
+
     def service(self, index):
         """Called on a kick: process the queue, interrupt if the guest wants,
         and turn a guest's mistake into a broken device."""
         with self.lock:
-            if self.broken or index >= len(self.queues):
+            if self.broken or index >= len(self.queues) or self.abandon.is_set():
                 return
             vq = self.queues[index]
             try:
@@ -107,6 +138,8 @@ class VirtioDevice(abc.ABC):
                 # their interrupt.
                 if vq.needs_interrupt():
                     self.raise_interrupt(index)
+            except RequestAbandoned:
+                pass               # a reset or close is waiting for our lock
 
     def raise_interrupt(self, index):
         if self.trace:
@@ -117,8 +150,15 @@ class VirtioDevice(abc.ABC):
         self.broken = message
         self.report(f"{message}: device {self.name} marked broken until the guest resets it")
 
-    def close(self):
-        """The machine is going away: release what the device holds."""
+    def start(self):
+        """Start the device's own threads, if it has any (the bus calls this
+        once it has wired the device)."""
+
+    def close(self, timeout=5.0):
+        """The machine is going away: release what the device holds.  A
+        device with a thread of its own waits for it up to `timeout` and
+        returns False, keeping its fds, if it did not end."""
+        return True
 
 
 class QueueWorker:
@@ -153,8 +193,19 @@ class QueueWorker:
                     self.on_kick(self.index)
                 self.device.service(self.index)
 
-    def stop(self):
+    def request_stop(self):
+        """Ask the thread to end after what it is doing (see close())."""
         os.write(self._stop_w, b"x")
-        self.thread.join(timeout=10)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+
+    def join(self, timeout):
+        """Wait up to `timeout` seconds for the thread; True once it ended.
+        Its pipe is closed only then: a thread still polling on it must
+        never see the fd number reused."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        if self._stop_r >= 0:
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+            self._stop_r = self._stop_w = -1
+        return True

@@ -163,8 +163,27 @@ class DescriptorChain:
         """numpy uint8 views of the writable buffers (for os.preadv)."""
         return [memory.view(b.gpa, b.length) for b in self.writable]
 
+    def readable_pieces(self, memory, size):
+        """The readable part of the chain, in order, as bytes objects of
+        `size` bytes (the last one shorter): a device copying guest data out
+        holds one piece at a time, however long the chain is (up to 4 GiB,
+        naming the guest's own memory any number of times)."""
+        piece = bytearray()
+        for buf in self.readable:
+            at, left = buf.gpa, buf.length
+            while left:
+                n = min(left, size - len(piece))
+                piece += memoryview(memory.view(at, n))
+                at, left = at + n, left - n
+                if len(piece) == size:
+                    yield bytes(piece)
+                    piece.clear()
+        if piece:
+            yield bytes(piece)
+
     def read_all(self, memory):
-        """Gather the readable part of the chain into one bytes object."""
+        """Gather the readable part of the chain into one bytes object (for
+        tests; device code uses readable_pieces, which is bounded)."""
         return b"".join(memory.read(b.gpa, b.length) for b in self.readable)
 
     def write(self, memory, data):
@@ -183,6 +202,17 @@ class DescriptorChain:
             memory.view(buf.gpa, n)[:] = np.frombuffer(data[done:done + n], np.uint8)
             done += n
         return done
+
+
+def slice_buffers(buffers, start, end):
+    """The byte range [start, end) of a list of buffers, as buffers."""
+    out, position = [], 0
+    for buf in buffers:
+        lo, hi = max(start, position), min(end, position + buf.length)
+        if lo < hi:
+            out.append(Buffer(buf.gpa + lo - position, hi - lo))
+        position += buf.length
+    return tuple(out)
 
 
 # --- The queue.
