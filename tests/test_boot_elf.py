@@ -132,8 +132,11 @@ def test_segment_wraps_around_the_address_space(memsz):
 
 
 def test_segment_ending_at_the_top_of_the_address_space():
-    # Ending exactly at 2**64 is still inside.
-    parse_elf64(make_elf([(PT_LOAD, 0, 0xFFFFFFFFFFFFF000, 0, 0x1000)]), "g")
+    # Ending exactly at 2**64 is still inside; one byte more is not.
+    image = parse_elf64(make_elf([(PT_LOAD, 0, 0xFFFFFFFFFFFFF000, 0, 0x1000)]), "g")
+    assert image.segments == (Segment(paddr=0xFFFFFFFFFFFFF000, data=b"", memsz=0x1000),)
+    with pytest.raises(BootError, match="runs past the end of the 64-bit address space"):
+        parse_elf64(make_elf([(PT_LOAD, 0, 0xFFFFFFFFFFFFF000, 0, 0x1001)]), "g")
 
 
 # --- a real executable, the kind of file our teaching guests are

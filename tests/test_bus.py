@@ -7,10 +7,15 @@ status into the device page and call status_changed(), or kick a queue the
 way a QueueWorker does (bus.kicked, then device.service).
 """
 
+import os
+import struct
+import threading
+import time
+
 import pytest
 from virtio_rig import MEM_SIZE, DeviceRig, new_memory
 
-from pylguest import device_page
+from pylguest import device_page, stop
 from pylguest.bus import IRQ_POOL, BusDevice, LguestBus, status_text
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.rng import RngDevice
@@ -418,3 +423,79 @@ def test_broken_block_ring_leaves_rng_serving(guest, case):
     assert guest.memory.read(*data) == IMAGE[512:1024]
     assert guest.rng_works()
 
+
+
+# --- The vCPU never waits long for a device (the run's stop depends on it).
+
+def big_read(guest, megabytes):
+    """A read of `megabytes` MiB into one 1 MiB buffer named again and again
+    (an indirect table), from a sparse image; returns the head."""
+    rig = guest.rigs["block0"]
+    ring = rig.rings[0]
+    header_gpa, _ = rig.buffer(b"\0" * 16)
+    status_gpa, _ = rig.buffer(size=1, fill=0xEE)
+    table_gpa, table = ring.indirect_table(megabytes + 2)
+    table[0] = (header_gpa, 16, NEXT, 1)
+    for i in range(1, megabytes + 1):
+        table[i] = (0, MEM_SIZE, NEXT | 2, i + 1)
+    table[megabytes + 1] = (status_gpa, 1, 2, 0)
+    ring.set_desc(0, table_gpa, (megabytes + 2) * DESC_SIZE, INDIRECT)
+    ring.publish(0)
+    return 0
+
+
+@pytest.fixture
+def slow_disk(monkeypatch):
+    """Every system call of the block device takes 50 ms (a slow disk);
+    the event is set once the first one has begun."""
+    from pylguest.devices import block
+    real_move, moving = block._move, threading.Event()
+
+    def slow_move(*args):
+        moving.set()
+        time.sleep(0.05)
+        return real_move(*args)
+    monkeypatch.setattr(block, "_move", slow_move)
+    return moving
+
+
+def test_a_reset_abandons_the_request_in_flight(guest, tmp_path, slow_disk):
+    with open(guest.image, "r+b") as f:
+        f.truncate(128 << 20)                      # room for a 64 MiB read
+    guest.block.capacity = (128 << 20) // 512
+    guest.start("block0", F_INDIRECT)
+    big_read(guest, 64)                            # 64 calls of 50 ms: 3.2 s
+    worker = threading.Thread(target=guest.kick, args=("block0",))
+    worker.start()
+    assert slow_disk.wait(5)
+    time.sleep(0.2)                                # well into the read
+    started = time.monotonic()
+    guest.set_status("block0", 0)                  # the guest's reset, on the "vCPU"
+    took = time.monotonic() - started
+    worker.join(10)
+    assert took < 1.0, f"the reset waited {took:.2f} s for the request"
+    assert guest.rigs["block0"].rings[0].used_idx == 0     # never completed
+    assert not guest.entry["block0"].active and guest.block.broken is None
+
+
+def test_a_stop_frees_the_vcpu_from_a_device_that_will_not_let_go(guest, monkeypatch):
+    # fdatasync cannot be cut in pieces: a worker in it holds the lock.
+    # A reset must then give way to a stop request, not wait for the disk.
+    guest.start("block0", F_BLK_FLUSH)
+    in_flush = threading.Event()
+
+    def slow_fdatasync(fd):
+        in_flush.set()
+        time.sleep(5)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    rig = guest.rigs["block0"]
+    rig.chain(0, [(struct.pack("<IIQ", 4, 0, 0), False), (1, True)])      # FLUSH
+    worker = threading.Thread(target=guest.kick, args=("block0",), daemon=True)
+    worker.start()
+    assert in_flush.wait(5)
+    threading.Timer(0.3, guest.bus.stopping.request, args=(stop.timeout(1),)).start()
+    started = time.monotonic()
+    guest.set_status("block0", 0)
+    took = time.monotonic() - started
+    assert 0.25 < took < 1.0, f"status_changed returned after {took:.2f} s"
+    worker.join(10)

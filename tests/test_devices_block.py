@@ -334,3 +334,76 @@ def test_close_is_idempotent(image):
     device.close()
     assert device.fd == -1
     assert os.path.exists(image)
+
+
+# --- Many buffers, big requests, odd files.
+
+def test_a_request_in_more_buffers_than_iov_max(memory, tmp_path):
+    # preadv/pwritev take at most IOV_MAX (1024) buffers; a request in 1536
+    # buffers of 32 bytes (96 sectors) must still be served, in batches.
+    path = tmp_path / "big.img"
+    data = fill_pattern(128 * 512, seed=11)
+    path.write_bytes(data)
+    rig = make_rig(memory, path, indirect=True)
+    try:
+        assert block.IOV_MAX < 1536
+        head, placed = rig.indirect_chain(0, [(header(T_IN, 16), False)] + [(32, True)] * 1536
+                                          + [(1, True)])
+        rig.device.service(0)
+        assert rig.rings[0].used_elem(0) == (head, 96 * 512 + 1)
+        got = b"".join(rig.memory.read(*b) for b in placed[1:-1])
+        assert got == data[16 * 512:112 * 512]
+        new = fill_pattern(96 * 512, seed=12)
+        head, placed = rig.indirect_chain(0, [(header(T_OUT, 2), False)]
+                                          + [(new[i:i + 32], False) for i in range(0, len(new), 32)]
+                                          + [(1, True)])
+        rig.device.service(0)
+        assert status_of(rig, placed) == S_OK
+        assert file_bytes(path) == data[:2 * 512] + new + data[98 * 512:]
+    finally:
+        rig.device.close()
+
+
+def test_a_transfer_moves_at_most_one_chunk_per_system_call(memory, tmp_path, monkeypatch):
+    # The pieces a reset or a stop waits for at most: IO_CHUNK bytes.
+    path = tmp_path / "img"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+    sizes, real_preadv = [], os.preadv
+
+    def counting_preadv(fd, views, offset):
+        sizes.append(sum(len(v) for v in views))
+        return real_preadv(fd, views, offset)
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    rig = make_rig(memory, path, indirect=True)
+    try:
+        # 4 MiB read into one 512 KiB buffer named eight times.
+        ring = rig.rings[0]
+        hdr_gpa, _ = rig.buffer(header(T_IN, 0))
+        big_gpa, big_len = rig.buffer(size=512 << 10)
+        status_gpa, _ = rig.buffer(size=1, fill=0xEE)
+        table_gpa, table = ring.indirect_table(10)
+        table[0] = (hdr_gpa, 16, 1, 1)                       # NEXT
+        for i in range(1, 9):
+            table[i] = (big_gpa, big_len, 3, i + 1)          # NEXT | WRITE
+        table[9] = (status_gpa, 1, 2, 0)                     # WRITE
+        ring.set_desc(0, table_gpa, 10 * 16, 4)              # INDIRECT
+        ring.publish(0)
+        rig.device.service(0)
+        assert rig.memory.read(status_gpa, 1) == bytes([S_OK])
+        assert sum(sizes) == 4 << 20 and max(sizes) <= block.IO_CHUNK
+    finally:
+        rig.device.close()
+
+
+def test_odd_files_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is a FIFO"):
+        BlockDevice("block0", str(fifo), read_only=True)
+    with pytest.raises(UsageError, match="is a directory"):
+        BlockDevice("block0", str(tmp_path), read_only=True)
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(b"x" * 511)
+    with pytest.raises(UsageError, match="511 bytes is less than one 512-byte sector"):
+        BlockDevice("block0", str(tiny))

@@ -135,3 +135,27 @@ def test_a_broken_transmitq_stops_the_device(rig, output):
     assert rig.reports[0].startswith("console0/transmitq: ")
     rig.device.receive(b"lost?")
     assert rig.rings[RECEIVEQ].used_idx == 0
+
+
+# --- A hostile chain costs the host a piece, not the chain.
+
+def run_hostile_chain(what):
+    """tests/hostile_chains.py in a process of its own: (extra peak KiB, the rest)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "hostile_chains.py"), what],
+                            capture_output=True, text=True, timeout=50,
+                            env={"PYTHONPATH": str(ROOT / "launcher")})
+    assert result.returncode == 0, result.stderr
+    first, _, rest = result.stdout.strip().partition(" ")
+    return int(first.split("=")[1]), rest
+
+
+def test_a_1_gib_transmit_chain_is_streamed_not_gathered():
+    # 16 descriptors, each all of a 64 MiB guest: 1 GiB of output from one
+    # request, which used to be gathered into one bytes object (3 GiB peak).
+    extra_kib, rest = run_hostile_chain("console")
+    print(f"console: 1 GiB transmit chain, extra peak RSS {extra_kib} KiB")
+    assert "served=1 output=1073741824 reports=[]" == rest
+    assert extra_kib < 64 * 1024

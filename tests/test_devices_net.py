@@ -17,6 +17,7 @@ import pytest
 from conftest import wait_until
 from virtio_rig import DeviceRig
 
+from pylguest.devices import net
 from pylguest.devices.net import NetDevice, parse_mac
 from pylguest.errors import UsageError
 
@@ -138,3 +139,129 @@ def test_broken_transmitq_is_reported(rig):
     rig.device.service(TRANSMITQ)
     assert rig.device.broken
     assert rig.reports[0].startswith("net0/transmitq: ")
+
+
+# --- Hostile chains: bounded frames, bounded host memory.
+
+def test_a_1_gib_transmit_chain_breaks_the_device_and_costs_nothing():
+    from test_devices_console import run_hostile_chain
+    extra_kib, rest = run_hostile_chain("net-tx")
+    print(f"net: 1 GiB transmit chain, extra peak RSS {extra_kib} KiB")
+    assert rest.startswith("served=0 broken='net0/transmitq: the frame from head 0 is "
+                           "1073741824 bytes")
+    assert extra_kib < 64 * 1024
+
+
+def test_a_1_gib_receive_chain_takes_one_frame_and_costs_nothing():
+    from test_devices_console import run_hostile_chain
+    extra_kib, rest = run_hostile_chain("net-rx")
+    print(f"net: 1 GiB receive chain, extra peak RSS {extra_kib} KiB")
+    assert rest == "served=1 broken=None reports=[]"
+    assert extra_kib < 64 * 1024
+
+
+# --- The frame rules, on a socket pair standing in for the tap (no root).
+
+@pytest.fixture
+def pair(memory):
+    """A NetDevice whose 'tap' is one end of a SOCK_SEQPACKET pair (frame
+    boundaries kept, as a tap keeps them); the test holds the other end.
+    No receive thread: the test drives receiveq as a kick would."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.settimeout(WAIT)
+    device = NetDevice("net0", "pair", MAC, tap_fd=ours.detach())
+    rig = DeviceRig(device, memory, PFNS, DATA_AREA, start=False)
+    rig.activate(indirect=True)
+    rig.peer = theirs
+    yield rig
+    device.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("length", [0, 9])
+def test_a_transmit_frame_shorter_than_the_header_breaks_the_device(pair, length):
+    pair.chain(TRANSMITQ, [(bytes(length), False)] if length else [(16, True)])
+    pair.device.service(TRANSMITQ)
+    assert pair.device.broken.startswith("net0/transmitq: the frame from head 0 is ")
+    assert pair.reports and pair.reports[0].startswith("net0/transmitq: ")
+
+
+def test_a_transmit_frame_longer_than_max_frame_breaks_the_device(pair):
+    pair.chain(TRANSMITQ, [(bytes(net.MAX_FRAME - 1), False), (bytes(2), False)])
+    pair.device.service(TRANSMITQ)
+    assert f"is {net.MAX_FRAME + 1} bytes" in pair.device.broken
+    pair.peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        pair.peer.recv(65536)                                # nothing was sent
+
+
+def test_a_frame_of_the_largest_size_is_sent_whole(pair):
+    sent = VNET_HDR + bytes(i & 0xFF for i in range(net.MAX_FRAME - 10))
+    pair.chain(TRANSMITQ, [(sent, False)])
+    pair.device.service(TRANSMITQ)
+    assert pair.device.broken is None
+    assert pair.peer.recv(2 * net.MAX_FRAME) == sent
+
+
+def test_a_frame_in_more_buffers_than_iov_max_goes_out_whole(pair):
+    # writev takes at most IOV_MAX (1024) buffers: the device gathers such
+    # a frame (it is at most MAX_FRAME bytes) instead of dropping it.
+    sent = VNET_HDR + bytes(i & 0xFF for i in range(1500))
+    pair.indirect_chain(TRANSMITQ, [(sent[i:i + 1], False) for i in range(len(sent))])
+    pair.device.service(TRANSMITQ)
+    assert pair.device.broken is None, pair.device.broken
+    assert pair.peer.recv(4096) == sent
+
+
+def test_a_receive_buffer_without_room_for_the_header_breaks_the_device(pair):
+    pair.peer.send(VNET_HDR + b"frame")
+    pair.chain(RECEIVEQ, [(9, True)])
+    pair.device.service(RECEIVEQ)
+    assert pair.device.broken.startswith("net0/receiveq: the buffer from head 0 has 9 writable")
+    assert pair.device._tap_has_frame()                      # the frame waits in the "tap"
+
+
+def test_a_frame_is_cut_to_the_room_posted(pair):
+    sent = VNET_HDR + bytes(range(100))
+    pair.peer.send(sent)
+    head, placed = pair.chain(RECEIVEQ, [(40, True)])
+    pair.device.service(RECEIVEQ)
+    assert pair.rings[RECEIVEQ].used_elem(0) == (head, 40)
+    assert pair.memory.read(*placed[0]) == sent[:40]
+
+
+def test_a_frame_scattered_over_more_than_iov_max_buffers(pair):
+    # readv takes at most IOV_MAX buffers too: the bounce-buffer path.
+    sent = VNET_HDR + bytes(i * 3 & 0xFF for i in range(1500))
+    pair.peer.send(sent)
+    head, placed = pair.indirect_chain(RECEIVEQ, [(1, True)] * 1600)
+    pair.device.service(RECEIVEQ)
+    assert pair.device.broken is None, pair.device.broken
+    assert pair.rings[RECEIVEQ].used_elem(0) == (head, len(sent))
+    assert b"".join(pair.memory.read(a, n) for a, n in placed[:len(sent)]) == sent
+    assert pair.memory.read(*placed[len(sent)]) == b"\xEE"      # the rest untouched
+
+
+def test_a_kick_of_receiveq_wakes_a_starved_receive_thread(memory):
+    # The receive thread stops watching the tap when the guest has no
+    # buffers.  The guest's kick (buffers are back) must make it watch
+    # again even when it finds no frame waiting, or the next frame waits
+    # in the tap for ever.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = NetDevice("net0", "pair", MAC, tap_fd=ours.detach())
+    rig = DeviceRig(device, memory, PFNS, DATA_AREA)          # with its receive thread
+    try:
+        rig.activate()
+        theirs.send(VNET_HDR + b"first")                     # no buffers yet: starved
+        until(lambda: device._starved)
+        rig.chain(RECEIVEQ, [(64, True)])
+        rig.chain(RECEIVEQ, [(64, True)])
+        device.service(RECEIVEQ)                             # the kick: "first" goes in
+        ring = rig.rings[RECEIVEQ]
+        assert ring.used_idx == 1
+        theirs.send(VNET_HDR + b"second")                    # only the thread can take it
+        until(lambda: ring.used_idx == 2)
+        assert ring.used_elem(1)[1] == 10 + len(b"second")
+    finally:
+        device.close()
+        theirs.close()

@@ -142,3 +142,34 @@ def test_a_regular_file_is_never_deleted(path):
 def test_unbindable_path_is_a_usage_error():
     with pytest.raises(UsageError, match="--console socket:/nonexistent-dir/x.sock"):
         SocketConsole("/nonexistent-dir/x.sock")
+
+
+def test_a_second_launcher_never_deletes_a_live_console(console, path):
+    with pytest.raises(UsageError, match="another pylguest is serving its console there"):
+        SocketConsole(path)
+    with connect(path, console) as client:            # the first one's socket still works
+        console.write(b"still mine")
+        assert recv_exactly(client, 10) == b"still mine"
+
+
+def test_the_path_is_free_again_after_close(path):
+    SocketConsole(path).close()
+    assert not os.path.exists(path) and not os.path.exists(path + ".lock")
+    SocketConsole(path).close()
+
+
+def test_another_programs_listening_socket_is_left_alone(path):
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(path)
+    other.listen(1)
+    try:
+        with pytest.raises(UsageError, match="another program is listening"):
+            SocketConsole(path)
+        assert os.path.exists(path)
+    finally:
+        other.close()
+
+
+def test_a_path_too_long_for_a_socket_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="at most 107"):
+        SocketConsole(str(tmp_path / ("y" * 110)))

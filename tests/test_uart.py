@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pylguest import console_output as output_module
 from pylguest import uart
 from pylguest.console_output import TAIL_SIZE, ConsoleOutput
 from pylguest.uart import Uart8250
@@ -347,3 +348,45 @@ def test_non_blocking_stdout_waits_instead_of_failing(pipe):
     output.close()
     assert not writer.is_alive()
     assert got == big and output.error is None
+
+
+# -- a terminal that stops reading must not hold the run hostage ------------------------
+
+def fill_until_blocked(output, total=1 << 20):
+    """Write `total` bytes, 64 KiB at a time, from a thread; return
+    (thread, done event)."""
+    done = threading.Event()
+
+    def produce():
+        for _ in range(total // 65536):
+            output.write(b"x" * 65536)
+        done.set()
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_a_producer_waits_for_room_then_gives_way_to_a_stop(pipe):
+    from pylguest.stop import StopRequest, timeout
+    stopping = StopRequest()
+    output = ConsoleOutput(pipe.w, flush_delay=NEVER, stopping=stopping)
+    # Nobody reads the pipe: the writer thread blocks once it is full,
+    # the buffer fills up, and the producer must wait (back pressure).
+    thread, done = fill_until_blocked(output)
+    assert not done.wait(0.5)                     # waiting for room, as it should
+    stopping.request(timeout(1))
+    assert done.wait(1.0)                         # the stop ends the wait
+    assert output.dropped > 0
+    started = time.monotonic()
+    output.close()                                # the writer is stuck: close is bounded
+    assert time.monotonic() - started < output_module.STOP_DRAIN + 0.5
+
+
+def test_flush_with_a_timeout_returns_on_a_stuck_fd(pipe):
+    output = ConsoleOutput(pipe.w, flush_delay=NEVER)
+    output.write(b"z" * 200000)                   # more than a pipe holds
+    started = time.monotonic()
+    assert output.flush(timeout=0.2) is False
+    assert time.monotonic() - started < 1.0
+    pipe.read(200000)                             # drain it, so close() can finish
+    output.close()

@@ -461,3 +461,60 @@ def test_ring_indices_wrap_past_65535(ring, queue, memory):
     for n in range(NUM):                            # the last NUM entries
         idx = (start + 4 + n) & 0xFFFF
         assert ring.used_elem(idx) == pushed[4 + n]
+
+
+# --- The rules that say "look again": each test recreates the race it guards.
+
+def driver_would_kick(ring, queue, old_avail_idx):
+    """What a driver decides after publishing (virtio 2.7.13.3 / vq_kick)."""
+    if queue.event_idx:
+        return vring_need_event(ring.avail_event, ring.avail_idx, old_avail_idx)
+    return not ring.used_flags & VRING_USED_F_NO_NOTIFY
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_pop_with_notify_looks_again_after_re_enabling_kicks(ring, memory, event_idx):
+    # The lost wakeup: the device finds the ring empty; before its re-enable
+    # of kicks is visible, the driver adds a chain, sees kicks still off,
+    # and does not kick.  Unless the device looks once more, that chain
+    # waits for ever (and so does the guest).
+    queue = Virtqueue(memory, NAME, NUM, PFN, event_idx=event_idx)
+    ring.add_chain([(*ring.buffer(size=8), True)])
+    assert queue.pop_with_notify() is not None             # busy: kicks now off
+    raced = {}
+    real_set_notification = queue.set_notification
+
+    def driver_adds_in_the_window(enabled):
+        if enabled and not raced:
+            old = ring.avail_idx
+            raced["head"] = ring.add_chain([(*ring.buffer(size=8), True)])
+            raced["kicked"] = driver_would_kick(ring, queue, old)
+        return real_set_notification(enabled)
+
+    queue.set_notification = driver_adds_in_the_window
+    chain = queue.pop_with_notify()
+    assert raced and raced["kicked"] is False              # no kick came for it
+    assert chain is not None and chain.head == raced["head"]
+
+
+def test_the_interrupt_decision_reads_the_drivers_flag_after_the_push(ring, queue):
+    # A driver that polled (NO_INTERRUPT) decides to sleep: it clears the
+    # flag, looks at the used ring (nothing yet), and sleeps.  The device
+    # pushes afterwards: it must read the flag then, not when it popped.
+    ring.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT)
+    ring.add_chain([(*ring.buffer(size=8), True)])
+    chain = queue.pop()
+    ring.set_avail_flags(0)                                # the driver goes to sleep
+    queue.push(chain, 0)
+    assert queue.needs_interrupt()
+
+
+def test_the_interrupt_decision_reads_used_event_after_the_push(ring, memory):
+    # The same with EVENT_IDX: used_event moved on while we worked.
+    queue = Virtqueue(memory, NAME, NUM, PFN, event_idx=True)
+    ring.set_used_event(0xFFFF)                            # "don't bother me"
+    ring.add_chain([(*ring.buffer(size=8), True)])
+    chain = queue.pop()
+    ring.set_used_event(0)                                 # "tell me at the next one"
+    queue.push(chain, 0)
+    assert queue.needs_interrupt()

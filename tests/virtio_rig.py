@@ -8,8 +8,9 @@ can share one GuestMemory without their rings and buffers overlapping.
 """
 
 from pylguest.memory import GuestMemory, Region
-from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                                   Virtqueue)
+from pylguest.virtio.queue import (DESC_SIZE, VIRTIO_RING_F_EVENT_IDX,
+                                   VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Virtqueue)
 from pylguest.virtio.testing import RingBuilder
 
 MEM_SIZE = 1 << 20
@@ -41,7 +42,7 @@ class Allocator:
 class DeviceRig:
     """One device, its rings at `pfns`, its buffers in `data_area`."""
 
-    def __init__(self, device, memory, pfns, data_area, report=None):
+    def __init__(self, device, memory, pfns, data_area, report=None, start=True):
         self.device, self.memory = device, memory
         self.reports = [] if report is None else report
         self.interrupts = 0
@@ -53,7 +54,8 @@ class DeviceRig:
         self.rings = [RingBuilder(memory, num, pfn)
                       for num, pfn in zip(device.queue_sizes, self.pfns)]
         self.data = Allocator(memory, *data_area)
-        device.start()
+        if start:
+            device.start()                # the device's own threads, as the bus starts them
 
     def _interrupt(self):
         self.interrupts += 1
@@ -70,6 +72,23 @@ class DeviceRig:
 
     def buffer(self, data=b"", size=None, fill=None):
         return self.data.buffer(data, size, fill)
+
+    def indirect_chain(self, index, buffers):
+        """Like chain(), but in one indirect table (the queue must accept
+        INDIRECT_DESC): for chains longer than the ring."""
+        placed = [(*(self.buffer(size=w, fill=0xEE) if isinstance(w, int) else self.buffer(w)),
+                   writable) for w, writable in buffers]
+        ring = self.rings[index]
+        gpa, table = ring.indirect_table(len(placed))
+        for i, (addr, length, writable) in enumerate(placed):
+            more = i + 1 < len(placed)
+            ring.set_desc(i, addr, length, (VRING_DESC_F_WRITE if writable else 0)
+                          | (VRING_DESC_F_NEXT if more else 0), i + 1 if more else 0, table=table)
+        head = ring.next_free
+        ring.next_free = (head + 1) % ring.num
+        ring.set_desc(head, gpa, len(placed) * DESC_SIZE, VRING_DESC_F_INDIRECT)
+        ring.publish(head)
+        return head, [(gpa, length) for gpa, length, _ in placed]
 
     def chain(self, index, buffers):
         """Post [(data_or_size, writable), ...] on queue `index`; return

@@ -10,7 +10,8 @@ The guest runs in its own `pylguest run` process, so a guest that crashes,
 hangs or triple-faults can never take the test down with it, and its exit
 status is exactly what the command line would give.  Console output is
 collected as it arrives; `expect()` waits (bounded) for a pattern in it,
-`send()` types into the guest's console, `wait()` returns the exit status.
+`send()` types into the guest's console, `wait()` returns the exit status,
+`stop()` ends the run from outside (SIGTERM) and returns it too.
 Every run is bounded: `timeout` is passed on as `--timeout`, and leaving
 the `with` block kills a guest that is still running.
 """
@@ -146,6 +147,24 @@ class Guest:
             data = data.encode()
         self.process.stdin.write(data)
         self.process.stdin.flush()
+
+    def stop(self, timeout=10.0):
+        """Ask the guest's launcher to stop now (SIGTERM, exit status 143),
+        as a person would; return its exit status.  It must end within
+        `timeout` seconds whatever its devices are doing, or it is killed
+        and GuestTimeout says so."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise GuestTimeout(f"the launcher did not stop within {timeout:g} s of SIGTERM; "
+                               f"output ends with:\n{self.output[-2000:]}") from None
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return status
 
     def wait(self, timeout=None):
         """Wait for the launcher to exit and return its exit status."""
