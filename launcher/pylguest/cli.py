@@ -47,8 +47,7 @@ def parse_timeout(text):
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
-        raise UsageError(f"bad --timeout {text!r}: give a positive number of seconds, "
-                         f"at most {MAX_TIMEOUT:.0f}")
+        raise UsageError(f"bad --timeout {text!r}: give a positive, finite number of seconds")
     return seconds
 
 

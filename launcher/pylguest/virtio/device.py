@@ -194,7 +194,7 @@ class QueueWorker:
                 self.device.service(self.index)
 
     def request_stop(self):
-        """Ask the thread to end after what it is doing (see close())."""
+        """Ask the thread to end after what it is doing (then join() it)."""
         os.write(self._stop_w, b"x")
 
     def join(self, timeout):
