@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import fuzz_support
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests" / "build"
 
@@ -112,4 +114,10 @@ def pytest_terminal_summary(terminalreporter):
     if lines:
         terminalreporter.section("wall times of slow tests")
         for line in lines:
+            terminalreporter.write_line(line)
+    # What the fuzzers (tests/test_fuzz_*.py) ran, by device and outcome.
+    fuzz_lines = fuzz_support.summary_lines()
+    if fuzz_lines:
+        terminalreporter.section("fuzz outcomes")
+        for line in fuzz_lines:
             terminalreporter.write_line(line)

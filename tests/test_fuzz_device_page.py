@@ -36,9 +36,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fuzz_support
-from fuzz_support import fuzz_settings, record
-from pylguest import device_page
+from fuzz_support import fuzz_test, record
 from pylguest.bus import LguestBus
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
@@ -53,11 +51,6 @@ RAM = 1 << 20                     # the device page at 1 MiB, the rings after it
 PAGE = 4096
 ACK, DRIVER, DRIVER_OK, FAILED = 1, 2, 4, 0x80
 STATUS_OFFSET, FEATURE_LEN = 4, 4
-
-
-@pytest.fixture(autouse=True)
-def _summary(request):
-    fuzz_support.register_summary(request.config)
 
 
 class FakeVm:
@@ -323,9 +316,9 @@ def check(machine, model, slots):
         assert got.startswith(want.split(":")[0]), (got, want)
 
 
-@fuzz_settings(quick=150, long=5000)
+@fuzz_test(quick=150, long=5000)
 @given(data=st.data())
-def test_a_scribbled_device_page_is_never_believed(tmp_path_factory, data):
+def test_a_scribbled_device_page_is_never_believed(tmp_path_factory, batch, data):
     machine = Machine(str(tmp_path_factory.mktemp("bus")))
     try:
         model = model_of(machine)

@@ -23,18 +23,21 @@ GiB.  Each case runs in-process through cli.main with --mem 64M and
 --timeout 1.
 """
 
+import contextlib
 import gzip
+import os
 import struct
+import tempfile
 import time
 
 import lz4.block
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fuzz_support
 from conftest import ROOT, guest_path
-from fuzz_support import fuzz_settings, record
+from fuzz_support import fuzz_test, record
 from pylguest.cli import main
 from pylguest.machine import EMULATING_KVM_NOTICE
 from test_boot_bzimage import make_bzimage
@@ -46,11 +49,6 @@ DEVICE_PAGE = 64 << 20             # --mem 64M puts the device page here
 STOPS = {1: "launcher error (KVM refused an instruction)", 123: "halted", 124: "timeout",
          125: "triple fault"}
 NOTICE = EMULATING_KVM_NOTICE.split("{")[0]
-
-
-@pytest.fixture(autouse=True)
-def _summary(request):
-    fuzz_support.register_summary(request.config)
 
 
 # --- the seeds ----------------------------------------------------------------------------
@@ -128,21 +126,38 @@ def mutated(draw, seeds):
 
 # --- the property ----------------------------------------------------------------------------
 
-# capfd is reset by hand at the start of every case.
-@settings(fuzz_settings(quick=60, long=3000),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@contextlib.contextmanager
+def stderr_of_one_case():
+    """fds 1 and 2 into files of their own for one case; yields a list that
+    holds stderr's text afterwards."""
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        text = []
+        try:
+            yield text
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            err.seek(0)
+            text.append(err.read().decode("utf-8", "replace"))
+
+
+@fuzz_test(quick=60, long=3000)
 @given(data=st.data())
-def test_a_broken_kernel_ends_cleanly(kvm_available, seeds, tmp_path_factory, capfd, data):
+def test_a_broken_kernel_ends_cleanly(kvm_available, seeds, tmp_path_factory, batch, data):
     kind, image, decompress = data.draw(mutated(seeds))
     path = tmp_path_factory.mktemp("kernel") / "kernel"
     path.write_bytes(image)
-    capfd.readouterr()                                   # what earlier cases left
     started = time.monotonic()
-    status = main(["run", str(path), "--mem", MEM, "--timeout", "1",
-                   "--decompress", decompress])
+    with stderr_of_one_case() as stderr:
+        status = main(["run", str(path), "--mem", MEM, "--timeout", "1",
+                       "--decompress", decompress])
     seconds = time.monotonic() - started
-    err = capfd.readouterr().err
+    err = stderr[0]
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err
     if status == 2:

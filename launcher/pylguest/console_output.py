@@ -50,7 +50,7 @@ class ConsoleOutput:
                                           # it must not write to this output
         self.flush_delay = flush_delay
         self.stopping = stopping or StopRequest()
-        self.system_writes = 0            # write(2) calls made: tests watch this
+        self.system_writes = 0            # write(2) calls made (or begun): tests watch this
         self.dropped = 0                  # bytes lost: the fd went away, or a stop
         self.error: Optional[OSError] = None
         self._buffer = bytearray()
@@ -160,9 +160,9 @@ class ConsoleOutput:
             return
         view = memoryview(chunk)
         while view:
+            self.system_writes += 1       # before: the bytes are visible once it returns
             try:
                 written = os.write(self.fd, view)
-                self.system_writes += 1
             except InterruptedError:
                 continue
             except BlockingIOError:
