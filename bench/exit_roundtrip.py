@@ -65,7 +65,7 @@ def python_us_per_exit(count):
     from pylguest._kvm import ffi, lib
     from pylguest.kvm import Kvm
     from pylguest.memory import GuestMemory, Region
-    from pylguest.ports import PortBus
+    from pylguest.platform.ports import PortBus
 
     kvm = Kvm()
     vm = kvm.create_vm()

@@ -16,7 +16,7 @@ import resource
 import socket
 import sys
 
-from pylguest.console_output import ConsoleOutput
+from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice
 from pylguest.memory import GuestMemory, Region

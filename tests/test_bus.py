@@ -15,8 +15,9 @@ import time
 import pytest
 from virtio_rig import MEM_SIZE, DeviceRig, new_memory
 
-from pylguest import device_page, stop
-from pylguest.bus import IRQ_POOL, BusDevice, LguestBus, status_text
+from pylguest import stop
+from pylguest.lguest import device_page
+from pylguest.lguest.bus import IRQ_POOL, BusDevice, LguestBus, status_text
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.rng import RngDevice
 from pylguest.virtio.device import VirtioDevice

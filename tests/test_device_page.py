@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from pylguest import device_page
-from pylguest.device_page import (FEATURE_LEN, PAGE_SIZE, DeviceSlot, VqConfig, encode,
+from pylguest.lguest import device_page
+from pylguest.lguest.device_page import (FEATURE_LEN, PAGE_SIZE, DeviceSlot, VqConfig, encode,
                                   features_to_bytes, layout_slots)
 
 

@@ -37,12 +37,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_support import fuzz_test, record
-from pylguest.bus import LguestBus
+from pylguest.lguest.bus import LguestBus
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice
 from pylguest.devices.rng import RngDevice
-from pylguest.hypercall import EARLY_CONSOLE_MAX, HypercallPage
+from pylguest.lguest.hypercall import EARLY_CONSOLE_MAX, HypercallPage
 from pylguest.memory import GuestMemory, plan_regions
 
 pytestmark = pytest.mark.fuzz

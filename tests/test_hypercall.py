@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from pylguest import layout
-from pylguest.hypercall import EARLY_CONSOLE_MAX, HypercallPage
+from pylguest.lguest.hypercall import EARLY_CONSOLE_MAX, HypercallPage
 from pylguest.memory import GuestMemory, Region
 
 RAM_TOP = 1 << 20

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pylguest import i8042
-from pylguest.ports import PortBus
+from pylguest.platform import i8042
+from pylguest.platform.ports import PortBus
 
 
 class Recorder:

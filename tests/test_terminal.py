@@ -7,8 +7,8 @@ import termios
 
 import pytest
 
-from pylguest import terminal
-from pylguest.terminal import EscapeDecoder, InputReader, RawTerminal
+from pylguest.hostconsole import terminal
+from pylguest.hostconsole.terminal import EscapeDecoder, InputReader, RawTerminal
 
 CTRL_A = b"\x01"
 TIMEOUT = 5.0

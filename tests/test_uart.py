@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pylguest import console_output as output_module
-from pylguest import uart
-from pylguest.console_output import TAIL_SIZE, ConsoleOutput
-from pylguest.uart import Uart8250
+from pylguest.hostconsole import output as output_module
+from pylguest.platform import uart
+from pylguest.hostconsole.output import TAIL_SIZE, ConsoleOutput
+from pylguest.platform.uart import Uart8250
 
 THR, IER, IIR, FCR, LCR, MCR, LSR, MSR, SCR = 0, 1, 2, 2, 3, 4, 5, 6, 7
 OUT2 = uart.MCR_OUT2

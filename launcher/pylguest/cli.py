@@ -106,7 +106,7 @@ def split_command(argv):
 
 def command_run(args, command=None):
     from pylguest.machine import Machine, MachineConfig
-    from pylguest.terminal import RawTerminal
+    from pylguest.hostconsole.terminal import RawTerminal
     config = MachineConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                            mem=parse_size(args.mem),
                            timeout=parse_timeout(args.timeout) if args.timeout is not None else None,

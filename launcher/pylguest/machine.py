@@ -18,7 +18,8 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-from pylguest import i8042, layout, stop, uart
+from pylguest import layout, stop
+from pylguest.platform import i8042, uart
 from pylguest._kvm import ffi, lib
 from pylguest.boot import cmdline, loader, x86
 from pylguest.boot.bootparams import build_boot_params
@@ -26,20 +27,20 @@ from pylguest.boot.command import command_archive
 from pylguest.boot.e820 import build_e820
 from pylguest.boot.initrd import append_archive, decompress_initrd, is_initramfs
 from pylguest.boot.mptable import MPTABLE_ADDR, build_mptable
-from pylguest.bus import LguestBus
-from pylguest.console_output import ConsoleOutput
+from pylguest.lguest.bus import LguestBus
+from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.options import create_devices
 from pylguest.emulate import complete_refused_instruction, instruction_bytes
 from pylguest.errors import UsageError
 from pylguest.hostfiles import read_user_file
-from pylguest.hypercall import HypercallPage
+from pylguest.lguest.hypercall import HypercallPage
 from pylguest.kvm import Kvm, detect_kvm_kind
 from pylguest.kvm.cpuid import guest_cpuid
 from pylguest.memory import GuestMemory, plan_regions
-from pylguest.ports import PortBus
+from pylguest.platform.ports import PortBus
 from pylguest.report import GuestErrorLog, say
-from pylguest.terminal import InputReader
+from pylguest.hostconsole.terminal import InputReader
 from pylguest.trace import Tracer
 
 MiB = 1 << 20

@@ -1,3 +1,5 @@
 """The devices pylguest serves on the lguest bus, one module each:
-console.py, block.py, net.py, rng.py (kvmtool keeps one file per device too).
-Each is a virtio.device.VirtioDevice."""
+block.py, console.py, net.py, rng.py (kvmtool keeps one file per device
+too), and options.py, which turns the command line into devices.  Each is
+a virtio.device.VirtioDevice; the console's host side is in hostconsole/.
+"""

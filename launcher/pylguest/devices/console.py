@@ -9,7 +9,7 @@ driver has even started), so it waits in a bounded pending buffer; it is
 delivered whenever buffers appear, on the next kick of the receive queue.
 
 Where the bytes go is the backend's business: stdio (the launcher's own
-terminal, shared with the UART) or a unix socket (socket_backend.py).
+terminal, shared with the UART) or a unix socket (hostconsole/socket_console.py).
 
 A transmit chain may describe up to 4 GiB, and its buffers may all name
 the same guest pages: it is streamed to the backend PIECE bytes at a time,

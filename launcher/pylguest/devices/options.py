@@ -12,7 +12,7 @@ from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice, parse_mac
 from pylguest.devices.rng import RngDevice
-from pylguest.devices.socket_backend import SocketConsole
+from pylguest.hostconsole.socket_console import SocketConsole
 from pylguest.errors import UsageError
 
 

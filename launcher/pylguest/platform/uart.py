@@ -44,7 +44,7 @@ import collections
 import threading
 from typing import Callable
 
-from pylguest.console_output import ConsoleOutput
+from pylguest.hostconsole.output import ConsoleOutput
 
 __all__ = ["Uart8250", "ConsoleOutput", "COM1_PORT", "COM1_IRQ", "PORT_COUNT"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_until
 
-from pylguest.devices.socket_backend import SocketConsole
+from pylguest.hostconsole.socket_console import SocketConsole
 from pylguest.errors import UsageError
 
 WAIT = 5.0

@@ -23,8 +23,9 @@ the used ring.  No exit to userspace on the way.
 import os
 import time
 
-from pylguest import device_page, layout
-from pylguest.device_page import VqConfig
+from pylguest import layout
+from pylguest.lguest import device_page
+from pylguest.lguest.device_page import VqConfig
 from pylguest.errors import UsageError
 from pylguest.memory import PAGE_SIZE
 from pylguest.stop import StopRequest
