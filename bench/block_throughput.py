@@ -21,7 +21,7 @@ import numpy as np
 
 from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN
 from pylguest.memory import GuestMemory, Region
-from pylguest.virtio.queue import Virtqueue
+from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.testing import RingBuilder
 
 QUEUE_PFN = 0x10                  # ring at 64 KiB; buffers above it
@@ -39,12 +39,11 @@ def plain_preadv(fd, size, request):
 def through_the_ring(path, size, request):
     memory = GuestMemory([Region(0, 64 << 20, 0)])
     device = BlockDevice("block0", path)
-    device.memory, device.report, device.trace = memory, print, None
     interrupts = []
-    device.interrupt = lambda: interrupts.append(1)
+    device.attach(DeviceContext(memory=memory, interrupt=lambda: interrupts.append(1),
+                                report=print))
     ring = RingBuilder(memory, NUM, QUEUE_PFN)
-    vq = Virtqueue(memory, "block0/requests", NUM, QUEUE_PFN)
-    device.activate([vq], 0)
+    device.activate(0, [(NUM, QUEUE_PFN)])
     # One request's buffers per ring slot, reused as the ring goes round,
     # as a driver with a fixed pool would.
     slots = []

@@ -20,7 +20,8 @@ from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice
 from pylguest.memory import GuestMemory, Region
-from pylguest.virtio.queue import VRING_DESC_F_INDIRECT, Virtqueue, vring_size
+from pylguest.virtio.device import DeviceContext
+from pylguest.virtio.queue import VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, vring_size
 from pylguest.virtio.testing import RingBuilder, link_table
 
 MEM = 64 << 20
@@ -46,11 +47,9 @@ def hostile_chain(memory, pfn, num, writable):
 
 
 def wire(device, memory, reports):
-    device.memory, device.report, device.trace = memory, reports.append, None
-    device.interrupt = lambda: None
-    queues = [Virtqueue(memory, device.queue_label(i), num, pfn, indirect=True)
-              for i, (num, pfn) in enumerate(zip(device.queue_sizes, PFNS))]
-    device.activate(queues, 0)
+    """Attach and activate as the bus does, with indirect descriptors."""
+    device.attach(DeviceContext(memory=memory, interrupt=lambda: None, report=reports.append))
+    device.activate(1 << VIRTIO_RING_F_INDIRECT_DESC, list(zip(device.queue_sizes, PFNS)))
 
 
 def main(what):

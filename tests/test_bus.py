@@ -1,23 +1,26 @@
 """The lguest bus without KVM: the plan, status changes, kicks, broken devices.
 
-LguestBus.install() needs a machine; everything after it is exercised here
-by doing by hand what install() does (memory, ram_top, report, the page and
-one BusDevice per device) and then playing the guest: write features and
-status into the device page and call status_changed(), or kick a queue the
-way a QueueWorker does (bus.kicked, then device.service).
+The bus is installed for real (LguestBus.install) on plain memory, with a
+FakeVm recording the irqfd and ioeventfd ioctls and a real HypercallPage;
+then the tests play the guest: write features and status into the device
+page and call status_changed(), or kick a queue the way a QueueWorker does
+(bus.kicked, then device.service).  A device's interrupts are what its
+irqfd eventfd counted.
 """
 
 import os
+import select
 import struct
 import threading
 import time
 
 import pytest
-from virtio_rig import MEM_SIZE, DeviceRig, new_memory
+from virtio_rig import MEM_SIZE, DeviceRig, FakeVm, new_memory
 
 from pylguest import stop
 from pylguest.lguest import device_page
-from pylguest.lguest.bus import IRQ_POOL, BusDevice, LguestBus, status_text
+from pylguest.lguest.bus import IRQ_POOL, LguestBus, status_text
+from pylguest.lguest.hypercall import HypercallPage
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.rng import RngDevice
 from pylguest.virtio.device import VirtioDevice
@@ -32,6 +35,31 @@ F_BLK_FLUSH = 1 << 9
 NEXT, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_INDIRECT
 IMAGE = fill_pattern(64 * 512, seed=5)
 BLOCK_DATA, RNG_DATA = (0x80000, 0xC0000), (0xC0000, 0xF0000)
+
+
+class BusRig(DeviceRig):
+    """The guest's driver for a device the bus attached."""
+
+    def __init__(self, entry, memory, data_area, reports):
+        self.entry, self._interrupts = entry, 0
+        super().__init__(entry.device, memory, [vq.pfn for vq in entry.slot.vqs], data_area,
+                         reports, attach=False)
+
+    @property
+    def interrupts(self):
+        """How many times the device wrote its irqfd eventfd."""
+        fd = self.entry.irq_fd
+        if select.select([fd], [], [], 0)[0]:
+            self._interrupts += os.eventfd_read(fd)
+        return self._interrupts
+
+
+class Early:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
 
 
 class Guest:
@@ -49,20 +77,16 @@ class Guest:
         self.reports = []
         self.traces = []
         self.bus = bus = LguestBus([self.block, self.rng])
-        bus.memory, bus.ram_top = self.memory, RAM_TOP
-        bus.report, bus.trace = self.reports.append, self.traces.append
-        self.rigs = {}
-        for device, slot, data in zip(bus.devices, bus._plan(RAM_TOP), (BLOCK_DATA, RNG_DATA)):
-            self.memory.write(RAM_TOP + slot.offset,
-                              device_page.encode(slot, device.config_space()))
-            bus.entries.append(BusDevice(device, slot))
-            self.rigs[device.name] = DeviceRig(device, self.memory,
-                                               [vq.pfn for vq in slot.vqs], data, self.reports)
+        self.vm = FakeVm()
+        self.hypercalls = HypercallPage(self.memory, RAM_TOP, Early(), self.reports.append)
+        bus.install(self.memory, RAM_TOP, self.vm, self.hypercalls, self.reports.append,
+                    self.traces.append)
+        self.rigs = {e.device.name: BusRig(e, self.memory, data, self.reports)
+                     for e, data in zip(bus.entries, (BLOCK_DATA, RNG_DATA))}
         self.entry = {e.device.name: e for e in bus.entries}
 
     def close(self):
-        self.block.close()
-        self.rng.close()
+        assert self.bus.close() == []
         self.memory.close()
 
     # -- what the guest's driver (the seed) does
@@ -149,7 +173,7 @@ def test_plan_places_rings_after_the_device_page():
     devices = [Fake("a", (128,)), Fake("b", (64, 64)), Fake("c", (256, 256)), Fake("d", (8,))]
     ram_top = 0x8000000
     bus = LguestBus(devices)
-    slots = bus._plan(ram_top)
+    slots = bus.plan(ram_top)
     pfns = [[vq.pfn for vq in s.vqs] for s in slots]
     first = (ram_top + 4096) >> 12
     assert first == 0x8001
@@ -167,7 +191,7 @@ def test_plan_places_rings_after_the_device_page():
 
 def test_plan_irqs_from_the_pool_in_order():
     devices = [Fake(f"d{i}", (8, 8)) for i in range(11)]
-    slots = LguestBus(devices)._plan(0x100000)
+    slots = LguestBus(devices).plan(0x100000)
     irqs = [{vq.irq for vq in s.vqs} for s in slots]
     assert irqs == [{5}, {9}, {10}, {11}, {12}, {14}, {15}, {6}, {7}, {5}, {9}]
     assert IRQ_POOL == (5, 9, 10, 11, 12, 14, 15, 6, 7)
@@ -175,7 +199,7 @@ def test_plan_irqs_from_the_pool_in_order():
 
 def test_plan_lays_out_the_page_with_host_features():
     devices = [Fake("a", (8,)), Fake("b", (16, 16))]
-    slots = LguestBus(devices)._plan(0x100000)
+    slots = LguestBus(devices).plan(0x100000)
     assert [s.offset for s in slots] == [0, 5 + 8 + 8]
     assert all(s.host_features == F_INDIRECT | F_EVENT_IDX for s in slots)
     assert [s.type for s in slots] == [4, 4]
@@ -199,9 +223,9 @@ def test_driver_ok_starts_with_the_guest_features(guest):
     guest.set_status("block0", ACK)
     guest.set_status("block0", ACK | DRIVER)
     guest.set_features("block0", F_EVENT_IDX | F_BLK_FLUSH)
-    assert not entry.active and guest.block.queues == []
+    assert not entry.device.active and guest.block.queues == []
     guest.set_status("block0", ACK | DRIVER | DRIVER_OK)
-    assert entry.active
+    assert entry.device.active
     assert guest.block.guest_features == F_EVENT_IDX | F_BLK_FLUSH
     (vq,) = guest.block.queues
     assert (vq.num, vq.pfn, vq.name) == (128, entry.slot.vqs[0].pfn, "block0/requests")
@@ -216,17 +240,17 @@ def test_status_zero_resets(guest):
     guest.kick("block0")
     assert guest.rigs["block0"].rings[0].used_elem(0) == (head, 513)
     guest.set_status("block0", 0)
-    assert not entry.active
+    assert not entry.device.active
     assert guest.block.queues == [] and guest.block.guest_features == 0
     assert guest.guest_features("block0") == 0                  # cleared in the page
-    assert not guest.entry["rng0"].active                       # rng0 was never involved
+    assert not guest.entry["rng0"].device.active                       # rng0 was never involved
 
 
 def test_failed_is_reported_and_resets(guest):
     entry = guest.entry["block0"]
     guest.start("block0", F_BLK_FLUSH)
     guest.set_status("block0", ACK | DRIVER | DRIVER_OK | FAILED)
-    assert not entry.active and guest.block.queues == []
+    assert not entry.device.active and guest.block.queues == []
     assert guest.guest_features("block0") == 0
     assert any("block0" in r and "FAILED" in r for r in guest.reports), guest.reports
 
@@ -234,14 +258,14 @@ def test_failed_is_reported_and_resets(guest):
 def test_unoffered_feature_is_refused(guest):
     entry = guest.entry["block0"]
     guest.start("block0", F_BLK_FLUSH | 1 << 1)                 # bit 1 was never offered
-    assert not entry.active and guest.block.queues == []
+    assert not entry.device.active and guest.block.queues == []
     assert guest.block.broken and "0x2" in guest.block.broken
     assert any("never offered" in r and "block0" in r for r in guest.reports)
     guest.kick("block0")                                        # a kick does not start it
-    assert not entry.active
+    assert not entry.device.active
     # The guest resets and accepts only what was offered: it starts.
     guest.start("block0", F_BLK_FLUSH)
-    assert entry.active and not guest.block.broken
+    assert entry.device.active and not guest.block.broken
 
 
 def test_only_a_reset_brings_a_refused_device_back(guest):
@@ -251,9 +275,9 @@ def test_only_a_reset_brings_a_refused_device_back(guest):
     # without the reset that "marked broken until the guest resets it" asks for.
     guest.set_features("block0", F_BLK_FLUSH)
     guest.set_status("block0", ACK | DRIVER | DRIVER_OK)
-    assert not entry.active and guest.block.broken
+    assert not entry.device.active and guest.block.broken
     guest.start("block0", F_BLK_FLUSH)                         # status 0 first: it starts
-    assert entry.active and not guest.block.broken
+    assert entry.device.active and not guest.block.broken
 
 
 def test_host_features_in_the_page_are_not_trusted(guest):
@@ -262,7 +286,7 @@ def test_host_features_in_the_page_are_not_trusted(guest):
     host_at = RAM_TOP + slot.guest_features_offset - device_page.FEATURE_LEN
     guest.memory.write_int(host_at, 4, 0xFFFFFFFF)              # "everything is offered"
     guest.start("block0", 1 << 1)
-    assert not entry.active and guest.block.broken
+    assert not entry.device.active and guest.block.broken
 
 
 def test_vq_config_in_the_page_is_not_trusted(guest):
@@ -270,7 +294,7 @@ def test_vq_config_in_the_page_is_not_trusted(guest):
     vq_at = RAM_TOP + entry.slot.offset + device_page.DESC_SIZE
     guest.memory.write(vq_at, b"\x03\x00\x01\x00\xff\xff\xff\x00")   # num 3, pfn far away
     guest.start("block0", 0)
-    assert entry.active
+    assert entry.device.active
     (vq,) = guest.block.queues
     assert (vq.num, vq.pfn) == (128, entry.slot.vqs[0].pfn)
 
@@ -281,7 +305,7 @@ def test_kick_on_an_inactive_device_starts_it(guest):
     guest.set_features("block0", F_BLK_FLUSH)
     head, data, status = guest.read_request(3)
     guest.kick("block0")                                        # before DRIVER_OK
-    assert entry.active and guest.block.guest_features == F_BLK_FLUSH
+    assert entry.device.active and guest.block.guest_features == F_BLK_FLUSH
     ring = guest.rigs["block0"].rings[0]
     assert ring.used_elem(0) == (head, 513)
     assert guest.memory.read(*data) == IMAGE[3 * 512:4 * 512]
@@ -304,7 +328,7 @@ def test_reset_then_start_again_in_the_same_boot(guest):
     guest.set_status("block0", 0)
     guest.fresh_ring("block0")
     guest.start("block0", F_INDIRECT)
-    assert entry.active and guest.block.guest_features == F_INDIRECT
+    assert entry.device.active and guest.block.guest_features == F_INDIRECT
     head, data, status = guest.read_request(9)
     guest.kick("block0")
     ring = guest.rigs["block0"].rings[0]
@@ -407,7 +431,7 @@ def test_broken_block_ring_leaves_rng_serving(guest, case):
     assert open(guest.image, "rb").read() == IMAGE
 
     # The rest of the machine never notices.
-    assert guest.entry["rng0"].active and not guest.rng.broken
+    assert guest.entry["rng0"].device.active and not guest.rng.broken
     assert guest.rng_works()
 
     # block0 serves nothing more until the guest resets it...
@@ -476,7 +500,7 @@ def test_a_reset_abandons_the_request_in_flight(guest, tmp_path, slow_disk):
     worker.join(10)
     assert took < 1.0, f"the reset waited {took:.2f} s for the request"
     assert guest.rigs["block0"].rings[0].used_idx == 0     # never completed
-    assert not guest.entry["block0"].active and guest.block.broken is None
+    assert not guest.entry["block0"].device.active and guest.block.broken is None
 
 
 def test_a_stop_frees_the_vcpu_from_a_device_that_will_not_let_go(guest, monkeypatch):

@@ -83,8 +83,7 @@ def test_read_scatters_file_data_over_buffers(rig):
 
 
 def test_trace_says_what_each_request_was(rig):
-    lines = []
-    rig.device.trace = lines.append
+    lines = rig.traces
     serve(rig, [(header(T_IN, 3), False), (1024, True), (1, True)])
     serve(rig, [(header(T_FLUSH), False), (1, True)])
     serve(rig, [(header(99), False), (1, True)])

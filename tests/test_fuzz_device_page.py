@@ -37,6 +37,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_support import fuzz_test, record
+from virtio_rig import FakeVm
 from pylguest.lguest.bus import LguestBus
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
@@ -51,19 +52,6 @@ RAM = 1 << 20                     # the device page at 1 MiB, the rings after it
 PAGE = 4096
 ACK, DRIVER, DRIVER_OK, FAILED = 1, 2, 4, 0x80
 STATUS_OFFSET, FEATURE_LEN = 4, 4
-
-
-class FakeVm:
-    """The two ioctls the bus makes, recorded instead of made."""
-
-    def __init__(self):
-        self.irqfds, self.ioeventfds = [], []
-
-    def irqfd(self, fd, gsi):
-        self.irqfds.append((fd, gsi))
-
-    def ioeventfd(self, fd, addr, length, datamatch=None):
-        self.ioeventfds.append((fd, addr, length, datamatch))
 
 
 class Sink:
@@ -300,10 +288,11 @@ def notify(machine, model, addr):
 
 def check(machine, model, slots):
     for entry, device, slot in zip(machine.entries, model.devices, slots):
-        state = ("broken" if entry.device.broken else "active" if entry.active else "reset")
+        state = entry.device.state.value
         assert state == device.state, (device.name, state, device.state)
+        assert (entry.device.broken is not None) == (state == "broken")
         assert entry.slot == slot                                # the launcher's own copy
-        if entry.active:
+        if entry.device.active:
             for vq, config in zip(entry.device.queues, slot.vqs):
                 assert (vq.pfn, vq.num) == (config.pfn, config.num)
     assert machine.page() == bytes(model.page)

@@ -55,6 +55,7 @@ from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice
 from pylguest.devices.rng import RngDevice
 from pylguest.memory import GuestMemory, Region
+from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import (DESC_DTYPE, VIRTIO_RING_F_EVENT_IDX,
                                    VIRTIO_RING_F_INDIRECT_DESC, Virtqueue)
 from pylguest.virtio.testing import RingBuilder
@@ -575,31 +576,31 @@ class Driver:
 # --- A device on the fuzz memory, and its model beside it. -----------------------------
 
 class Bench:
-    """A device wired as the bus wires it (as virtio_rig.DeviceRig does,
-    which would also start() it: the net device's receive thread must not
-    run here), its queues starting at case.start; a Driver per ring; the
-    model of each queue."""
+    """A device attached and activated as the bus does it (as
+    virtio_rig.DeviceRig does, which would also start() it: the net
+    device's receive thread must not run here), its queues starting at
+    case.start; a Driver per ring; the model of each queue."""
 
     def __init__(self, memory, device, case):
         self.memory, self.device = memory, device
         self.reports, self.interrupts = [], 0
-        device.memory, device.report, device.trace = memory, self.reports.append, None
-        device.interrupt = self._interrupt
+        device.attach(DeviceContext(memory=memory, interrupt=self._interrupt,
+                                    report=self.reports.append))
+        rings = list(zip(device.queue_sizes, RING_PFNS[device.name]))
+        device.activate(case.event_idx << VIRTIO_RING_F_EVENT_IDX
+                        | case.indirect << VIRTIO_RING_F_INDIRECT_DESC, rings)
+        self.queues = device.queues
         allocator = Allocator()
-        self.queues, self.drivers, self.model_queues = [], [], []
-        for i, (num, pfn) in enumerate(zip(device.queue_sizes, RING_PFNS[device.name])):
-            queue = Virtqueue(memory, device.queue_label(i), num, pfn,
-                              event_idx=case.event_idx, indirect=case.indirect)
+        self.drivers, self.model_queues = [], []
+        for queue, (num, pfn) in zip(self.queues, rings):
+            # As if the ring had gone round case.start times already.
             queue.last_avail_idx = queue.used_idx = queue._signalled_used = case.start
             ring = RingBuilder(memory, num, pfn)
             ring.set_avail_idx(case.start)
-            self.queues.append(queue)
             self.drivers.append(Driver(memory, ring, allocator))
             self.model_queues.append(model.QueueModel(model.Ring(num, pfn << 12), case.event_idx,
                                                       case.indirect, case.start))
         self.model_rings = [q.ring for q in self.model_queues]
-        device.activate(self.queues, case.event_idx << VIRTIO_RING_F_EVENT_IDX
-                        | case.indirect << VIRTIO_RING_F_INDIRECT_DESC)
 
     def _interrupt(self):
         self.interrupts += 1

@@ -1,16 +1,18 @@
-"""A device on plain memory, wired the way the bus wires it, with no KVM.
+"""A device on plain memory, attached the way a transport attaches it, with no KVM.
 
-The device tests (test_devices_*.py, test_bus.py) drive a VirtioDevice
-exactly as LguestBus does after install(): memory, report, interrupt and
-trace set by hand, one RingBuilder per queue playing the guest's driver.
+The device tests (test_devices_*.py) play the transport: they attach a
+VirtioDevice with a DeviceContext whose interrupt, report and trace are
+recorded here, and activate it as the bus does on DRIVER_OK; one
+RingBuilder per queue plays the guest's driver.
 Buffers come from a data area of their own (`Allocator`), so two devices
 can share one GuestMemory without their rings and buffers overlapping.
 """
 
 from pylguest.memory import GuestMemory, Region
+from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import (DESC_SIZE, VIRTIO_RING_F_EVENT_IDX,
                                    VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
-                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Virtqueue)
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
 from pylguest.virtio.testing import RingBuilder
 
 MEM_SIZE = 1 << 20
@@ -39,22 +41,40 @@ class Allocator:
         return gpa, size
 
 
-class DeviceRig:
-    """One device, its rings at `pfns`, its buffers in `data_area`."""
+class FakeVm:
+    """The two ioctls the bus makes (LguestBus.install), recorded instead of made."""
 
-    def __init__(self, device, memory, pfns, data_area, report=None, start=True):
+    def __init__(self):
+        self.irqfds, self.ioeventfds = [], []
+
+    def irqfd(self, fd, gsi):
+        self.irqfds.append((fd, gsi))
+
+    def ioeventfd(self, fd, addr, length, datamatch=None):
+        self.ioeventfds.append((fd, addr, length, datamatch))
+
+
+class DeviceRig:
+    """One device, its rings at `pfns`, its buffers in `data_area`.
+
+    With attach=True (the device tests) the rig is the device's transport
+    too: it attaches the device, counts its interrupts and starts it.  With
+    attach=False (the bus tests) a real LguestBus has done that, and the
+    rig is only the guest's driver."""
+
+    def __init__(self, device, memory, pfns, data_area, report=None, start=True, attach=True):
         self.device, self.memory = device, memory
         self.reports = [] if report is None else report
-        self.interrupts = 0
-        device.memory = memory
-        device.report = self.reports.append
-        device.interrupt = self._interrupt
-        device.trace = None
+        self.traces = []
+        if attach:
+            self.interrupts = 0
+            device.attach(DeviceContext(memory=memory, interrupt=self._interrupt,
+                                        report=self.reports.append, trace=self.traces.append))
         self.pfns = list(pfns)
         self.rings = [RingBuilder(memory, num, pfn)
                       for num, pfn in zip(device.queue_sizes, self.pfns)]
         self.data = Allocator(memory, *data_area)
-        if start:
+        if attach and start:
             device.start()                # the device's own threads, as the bus starts them
 
     def _interrupt(self):
@@ -64,11 +84,8 @@ class DeviceRig:
         """What the bus does on DRIVER_OK, with these features accepted."""
         features |= (event_idx << VIRTIO_RING_F_EVENT_IDX
                      | indirect << VIRTIO_RING_F_INDIRECT_DESC)
-        queues = [Virtqueue(self.memory, self.device.queue_label(i), num, pfn,
-                            event_idx=event_idx, indirect=indirect)
-                  for i, (num, pfn) in enumerate(zip(self.device.queue_sizes, self.pfns))]
-        self.device.activate(queues, features)
-        return queues
+        self.device.activate(features, list(zip(self.device.queue_sizes, self.pfns)))
+        return self.device.queues
 
     def buffer(self, data=b"", size=None, fill=None):
         return self.data.buffer(data, size, fill)

@@ -61,8 +61,8 @@ class ConsoleDevice(VirtioDevice):
 
     @property
     def accepting_input(self):
-        """True once the guest's driver has started the device."""
-        return bool(self.queues)
+        """True while the guest's driver runs the device (not broken)."""
+        return self.active
 
     def receive(self, data):
         """Input from the outside world (any thread)."""

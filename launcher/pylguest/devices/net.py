@@ -114,9 +114,10 @@ class NetDevice(VirtioDevice):
     def config_space(self):
         return self.mac
 
-    def activate(self, queues, guest_features):
-        super().activate(queues, guest_features)
-        self._set_starved(False)      # look at the receive ring, and the tap
+    def activate(self, guest_features, rings):
+        super().activate(guest_features, rings)
+        if self.active:
+            self._set_starved(False)  # look at the receive ring, and the tap
 
     def reset(self):
         super().reset()
@@ -213,7 +214,7 @@ class NetDevice(VirtioDevice):
                 return
             if self.tap in ready:
                 self.service(RECEIVEQ)
-                if not self.queues or self.broken:
+                if not self.active:
                     self._starved = True  # frames wait in the tap until a start or reset
 
     def _drain_wakeups(self):

@@ -22,16 +22,17 @@ the used ring.  No exit to userspace on the way.
 
 import os
 import time
+from typing import Callable, Optional, Protocol
 
 from pylguest import layout
 from pylguest.lguest import device_page
 from pylguest.lguest.device_page import VqConfig
 from pylguest.errors import UsageError
-from pylguest.memory import PAGE_SIZE
-from pylguest.stop import StopRequest
-from pylguest.virtio.device import STATUS_DRIVER_OK, STATUS_FAILED, QueueWorker
-from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                                   Virtqueue, VirtqueueError, vring_size)
+from pylguest.memory import PAGE_SIZE, GuestMemory
+from pylguest.stop import Stop, StopRequest
+from pylguest.virtio.device import (STATUS_DRIVER_OK, STATUS_FAILED, DeviceContext, DeviceState,
+                                    QueueWorker)
+from pylguest.virtio.queue import vring_size
 
 # Legacy ISA lines nobody else uses (design.md section 5): COM1 has 4, the
 # PIT 0, the cascade 2, the RTC 8, the FPU 13.
@@ -47,17 +48,38 @@ def status_text(status):
     return f"0x{status:02x} ({'|'.join(names) or 'unknown bits'})"
 
 
+class EventfdRouter(Protocol):
+    """What the bus needs of the VM (kvm/vm.py's Vm): eventfds that KVM
+    turns into interrupts, and guest stores that KVM turns into eventfd
+    signals."""
+
+    def irqfd(self, eventfd: int, gsi: int) -> None: ...
+
+    def ioeventfd(self, eventfd: int, addr: int, length: int,
+                  datamatch: Optional[int] = None) -> None: ...
+
+
+class NotifyTargets(Protocol):
+    """What the bus needs of the hypercall page (hypercall.py): where an
+    LHCALL_NOTIFY of an address goes."""
+
+    def register_notify(self, addr: int, name: str,
+                        target: Callable[[int], Optional[Stop]]) -> None: ...
+
+    def register_kick(self, addr: int, name: str) -> None: ...
+
+
 def ring_pages(num):
     return -(-vring_size(num) // PAGE_SIZE)
 
 
 class BusDevice:
-    """A device on the bus: the device, its slot on the page, its eventfds."""
+    """A device on the bus: the device, its slot on the page, its eventfds.
+    Whether it runs is the device's own state (VirtioDevice.state)."""
 
     def __init__(self, device, slot):
         self.device = device
         self.slot = slot
-        self.active = False
         self.kick_fds = []
         self.workers = []
         self.irq_fd = -1
@@ -75,14 +97,15 @@ class LguestBus:
         # The page layout does not depend on where RAM ends, so check now,
         # while a failure is still the user's one-line error, not at install.
         try:
-            self._plan(0)
+            self.plan(0)
         except ValueError as e:
             raise UsageError(f"too many devices: {e}") from None
 
     # -- setting up -------------------------------------------------------------
 
-    def _plan(self, ram_top):
-        """Where every vring goes, and which IRQ each device gets."""
+    def plan(self, ram_top):
+        """Where every vring goes, and which IRQ each device gets, for a
+        device page at `ram_top`: a DeviceSlot per device."""
         next_pfn = (ram_top + PAGE_SIZE) >> 12
         shapes = []
         for i, device in enumerate(self.devices):
@@ -94,7 +117,9 @@ class LguestBus:
             shapes.append((device.type, vqs, device.host_features(), len(device.config_space())))
         return device_page.layout_slots(shapes)
 
-    def install(self, memory, ram_top, vm, hypercalls, report, trace=None):
+    def install(self, memory: GuestMemory, ram_top: int, vm: EventfdRouter,
+                hypercalls: NotifyTargets, report: Callable[[str], None],
+                trace: Optional[Callable[[str], None]] = None) -> None:
         """Write the page at `ram_top` and wire every device: its irqfd and
         ioeventfds on `vm`, its status address on the hypercall page, its
         queue workers; then start them."""
@@ -104,7 +129,7 @@ class LguestBus:
         self.trace = trace
         page = self.memory.view(self.ram_top, PAGE_SIZE)
         page[:] = 0
-        for device, slot in zip(self.devices, self._plan(self.ram_top)):
+        for device, slot in zip(self.devices, self.plan(self.ram_top)):
             entry = BusDevice(device, slot)
             self.entries.append(entry)
             self.memory.write(self.ram_top + slot.offset, device_page.encode(slot, device.config_space()))
@@ -116,12 +141,11 @@ class LguestBus:
 
     def _wire(self, vm, hypercalls, entry):
         device, slot = entry.device, entry.slot
-        device.report = self.report
-        device.trace = self.trace
-        device.memory = self.memory
         entry.irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
         vm.irqfd(entry.irq_fd, slot.vqs[0].irq if slot.vqs else IRQ_POOL[0])
-        device.interrupt = lambda fd=entry.irq_fd: os.eventfd_write(fd, 1)
+        device.attach(DeviceContext(memory=self.memory,
+                                    interrupt=lambda fd=entry.irq_fd: os.eventfd_write(fd, 1),
+                                    report=self.report, trace=self.trace))
         hypercalls.register_notify(self.ram_top + slot.offset, f"{device.name} status",
                                    lambda addr, e=entry: self.status_changed(e))
         for index, vq in enumerate(slot.vqs):
@@ -140,7 +164,7 @@ class LguestBus:
     # tells the device to abandon what it is doing (the lock is then free
     # within one piece of I/O), and every wait gives way to a stop.
 
-    def status_changed(self, entry):
+    def status_changed(self, entry: BusDevice) -> Optional[Stop]:
         device = entry.device
         status = self.memory.read_int(self.ram_top + entry.slot.status_offset, 1)
         if self.trace:
@@ -150,12 +174,12 @@ class LguestBus:
         elif status & STATUS_FAILED:
             self.report(f"{device.name}: the guest's driver set FAILED; resetting the device")
             self._reset(entry)
-        elif status & STATUS_DRIVER_OK and not entry.active:
+        elif status & STATUS_DRIVER_OK and device.state is DeviceState.RESET:
             # Only the vCPU thread and a first kick start a device, and
             # both check again under the lock.
             if self.stopping.acquire(device.lock):
                 try:
-                    if not entry.active and not device.broken:
+                    if device.state is DeviceState.RESET:
                         self._activate(entry)
                 finally:
                     device.lock.release()
@@ -165,7 +189,7 @@ class LguestBus:
         """A kick on a device not yet started starts it: Linux reads the
         partition table before it sets DRIVER_OK."""
         with entry.device.lock:
-            if not entry.active and not entry.device.broken:
+            if entry.device.state is DeviceState.RESET:
                 self._activate(entry)
 
     def _guest_features(self, entry):
@@ -180,17 +204,10 @@ class LguestBus:
             device.mark_broken(f"{device.name}: the guest accepted features 0x{unoffered:x} "
                                "that were never offered")
             return
-        try:
-            queues = [Virtqueue(self.memory, device.queue_label(i), vq.num, vq.pfn,
-                                event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
-                                indirect=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1))
-                      for i, vq in enumerate(slot.vqs)]
-        except VirtqueueError as e:
-            device.mark_broken(str(e))
-            return
-        device.activate(queues, features)
-        entry.active = True
-        if self.trace:
+        # The rings are where the plan put them: the guest's copy of the
+        # vq config in the page is never read back.
+        device.activate(features, [(vq.num, vq.pfn) for vq in slot.vqs])
+        if self.trace and device.active:
             self.trace(f"start  {device.name}: features 0x{features:x}")
 
     def _reset(self, entry):
@@ -204,8 +221,6 @@ class LguestBus:
                 return
             try:
                 device.reset()
-                device.broken = None
-                entry.active = False
                 offset = self.ram_top + entry.slot.guest_features_offset
                 self.memory.write(offset, bytes(device_page.FEATURE_LEN))
             finally:

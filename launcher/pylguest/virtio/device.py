@@ -1,20 +1,28 @@
 """What every virtio device is, to the bus: kvmtool's ops table, in Python.
 
 A device says what it is (its virtio type, its queues' sizes, the features it
-offers, its config space) and reacts to four things:
+offers, its config space).  A transport (lguest/bus.py) gives it, once, a
+DeviceContext: the guest's memory and the ways to interrupt, to report a
+guest's mistake and to trace.  Then the device reacts to four things:
 
-    activate(queues)   the guest set DRIVER_OK (or kicked first): go
-    kick(index)        the guest put buffers in queue `index`
-    reset()            the guest wrote status 0 (or FAILED): stop, forget
-    input_ready()      (some devices) the outside world has data for us
+    activate(features, rings)  the guest set DRIVER_OK (or kicked first): go
+    service(index)             the guest put buffers in queue `index`
+    reset()                    the guest wrote status 0 (or FAILED): stop, forget
+    input ready                (some devices) the outside world has data for us
+
+and is in one of three states (DeviceState): RESET, waiting for a driver;
+ACTIVE, serving its queues; BROKEN, after the guest broke a rule, serving
+nothing until the guest resets it.  Only activate(), reset() and
+mark_broken() change the state: the transport calls the first two on the
+guest's status writes, and a guest's mistake calls the third.
 
 Queue processing runs on `QueueWorker` threads, one per queue: each sleeps
 on its queue's ioeventfd, which KVM signals when the guest kicks, so a kick
 never passes through the vCPU thread or Python's run loop.  A worker raises
 the device's interrupt through its irqfd, so it never needs the vCPU either.
 
-Anything a guest gets wrong in a queue raises VirtqueueError; the worker
-catches it at one place, marks the device broken with a message naming the
+Anything a guest gets wrong in a queue raises a GuestError (a ring rule or
+a device's own protocol rule); service() catches it at one place, marks the device broken with a message naming the
 device and queue, and stops serving it.  The guest can reset the device to
 bring it back; the rest of the machine never notices.
 
@@ -29,12 +37,16 @@ it was told is lost: what it saw complete was pushed after its I/O was done.
 """
 
 import abc
+import enum
 import os
 import select
 import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
 
+from pylguest.memory import GuestMemory
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                                   VirtqueueError)
+                                   Virtqueue, VirtqueueError)
 
 # Device status bits (virtio spec 2.1, legacy).
 STATUS_ACKNOWLEDGE = 1
@@ -50,6 +62,22 @@ class RequestAbandoned(Exception):
     """The device is being reset or closed: drop the request in flight."""
 
 
+@dataclass(frozen=True)
+class DeviceContext:
+    """What a transport gives a device when it attaches it: all a device
+    knows of the machine it is in."""
+    memory: GuestMemory
+    interrupt: Callable[[], None]            # raise the device's interrupt
+    report: Callable[[str], None]            # a guest's mistake, for the user
+    trace: Optional[Callable[[str], None]] = None   # --trace lines, or None
+
+
+class DeviceState(enum.Enum):
+    RESET = "reset"            # no queues: waiting for the guest's driver
+    ACTIVE = "active"          # the driver set DRIVER_OK: serving the queues
+    BROKEN = "broken"          # the guest broke a rule: nothing until a reset
+
+
 class VirtioDevice(abc.ABC):
     """Base class: subclasses set `type`, `queue_names`, `queue_sizes` and
     implement `process(index, vq)`, and where they have them
@@ -61,13 +89,12 @@ class VirtioDevice(abc.ABC):
 
     def __init__(self, name):
         self.name = name
+        self.state = DeviceState.RESET
+        self.broken = None            # why, while the state is BROKEN
         self.queues = []
-        self.broken = None            # the message, once broken
-        self.interrupt = None         # set by the bus: callable() raising our IRQ
-        self.report = None            # set by the bus: callable(message)
-        self.trace = None             # set by the bus: callable(text) or None
-        self.memory = None            # set by the bus: the GuestMemory
         self.guest_features = 0
+        self.memory = None            # from the DeviceContext, at attach()
+        self.interrupt = self.report = self.trace = None
         # One lock per device: the vCPU thread (status changes), the queue
         # workers (kicks) and input threads all reach the same queues.
         self.lock = threading.RLock()
@@ -85,18 +112,41 @@ class VirtioDevice(abc.ABC):
     def config_space(self):
         return b""
 
-    # -- what the bus calls ------------------------------------------------------
+    # -- what the transport calls ------------------------------------------------
 
-    def activate(self, queues, guest_features):
+    def attach(self, context: DeviceContext) -> None:
+        """Once, before anything else: the machine this device is in."""
+        self.memory = context.memory
+        self.interrupt = context.interrupt
+        self.report = context.report
+        self.trace = context.trace
+
+    def activate(self, guest_features: int, rings) -> None:
+        """Serve the guest's rings, [(num, pfn), ...] one per queue, with the
+        features it accepted (the transport checked they were offered).  A
+        ring that cannot be (outside guest memory) breaks the device."""
+        try:
+            queues = [Virtqueue(self.memory, self.queue_label(i), num, pfn,
+                                event_idx=bool(guest_features >> VIRTIO_RING_F_EVENT_IDX & 1),
+                                indirect=bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1))
+                      for i, (num, pfn) in enumerate(rings)]
+        except VirtqueueError as e:
+            self.mark_broken(str(e))
+            return
         self.queues = queues
         self.guest_features = guest_features
+        self.state = DeviceState.ACTIVE
 
-    def reset(self):
+    def reset(self) -> None:
+        """Forget the rings and the features; a broken device works again."""
         self.queues = []
         self.guest_features = 0
+        self.broken = None
+        self.state = DeviceState.RESET
 
-    def has_feature(self, bit):
-        return bool(self.guest_features >> bit & 1)
+    @property
+    def active(self) -> bool:
+        return self.state is DeviceState.ACTIVE
 
     def queue_label(self, index):
         return f"{self.name}/{self.queue_names[index]}"
@@ -126,7 +176,7 @@ class VirtioDevice(abc.ABC):
         """Called on a kick: process the queue, interrupt if the guest wants,
         and turn a guest's mistake into a broken device."""
         with self.lock:
-            if self.broken or index >= len(self.queues) or self.abandon.is_set():
+            if not self.active or index >= len(self.queues) or self.abandon.is_set():
                 return
             vq = self.queues[index]
             try:
@@ -146,7 +196,9 @@ class VirtioDevice(abc.ABC):
             self.trace(f"irq   {self.queue_label(index)}")
         self.interrupt()
 
-    def mark_broken(self, message):
+    def mark_broken(self, message: str) -> None:
+        """The guest broke a rule: say so, and serve nothing until a reset."""
+        self.state = DeviceState.BROKEN
         self.broken = message
         self.report(f"{message}: device {self.name} marked broken until the guest resets it")
 
