@@ -12,10 +12,10 @@ launcher's run loop -> KVM -> guest. The figure is microseconds per exit.
                count=N`, timed against count=0, the difference divided by N
 
 Each figure is the best of 3 runs. Where KVM emulates guest kernel mode
-(design.md section 7) the exit itself is slow and the ratios are small;
+(docs/abi.md section 7) the exit itself is slow and the ratios are small;
 on hardware KVM the exit is cheap and the ratios show Python's share.
 
-    cd /work/main && PYTHONPATH=launcher python bench/exit_roundtrip.py [--count N]
+    PYTHONPATH=launcher python bench/exit_roundtrip.py [--count N]   (from the repository root)
 """
 
 import argparse

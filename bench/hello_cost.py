@@ -13,7 +13,7 @@ gives the rusage of that one child, so the maximum is that run's own):
 The difference between the last two rows is what building and running the
 VM costs; the middle row minus the first is the import share.
 
-    cd /work/main && PYTHONPATH=launcher python bench/hello_cost.py
+    PYTHONPATH=launcher python bench/hello_cost.py   (from the repository root)
 """
 
 import os

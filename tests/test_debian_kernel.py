@@ -7,7 +7,7 @@ modules).  Everything asserted here is what Linux itself prints on the
 UART, so the test checks the launcher from the guest's side: the command
 line it passed, and the e820 map it wrote.
 
-How far the boot goes depends on the kind of KVM (design.md section 7):
+How far the boot goes depends on the kind of KVM (docs/abi.md section 7):
   - hardware KVM: all the way to a command in the initramfs, which looks
     for the virtio_blk driver and exits with status 7; that status reaches
     us only through the lguest bus driver, so the modules loaded;
@@ -46,7 +46,7 @@ CMDLINE = "console=ttyS0 earlyprintk=serial panic=-1 loglevel=7"
 COMMAND = ["sh", "-c", "ls /sys/bus/virtio/drivers/virtio_blk && exit 7"]
 COMMAND_STATUS = 7
 
-# The e820 map for --mem 512M, stated from design.md section 2, not computed
+# The e820 map for --mem 512M, stated from docs/abi.md section 2, not computed
 # with the launcher's code (that would be a test that cannot fail):
 E820_512M = [
     "[mem 0x0000000000000000-0x000000000009fbff] usable",    # low RAM

@@ -1,4 +1,4 @@
-"""The lguest device page (design.md section 3), byte for byte.
+"""The lguest device page (docs/abi.md section 3), byte for byte.
 
 The reader here is a transcription of the seed driver (seed/lguest_device.c):
 scan_devices(), desc_size(), lg_vq(), lg_features(), lg_config() and

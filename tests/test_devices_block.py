@@ -13,8 +13,10 @@ import pytest
 from virtio_rig import DeviceRig
 
 from pylguest.devices import block
-from pylguest.devices.block import BlockDevice, BlockRequest
-from pylguest.errors import UsageError
+from pylguest.devices.block import (BlockDevice, BlockRequest, BlockRequestError, BlockRule,
+                                    RequestType)
+from pylguest.errors import GuestError, UsageError
+from pylguest.virtio.queue import VirtqueueError
 from pylguest.virtio.testing import fill_pattern
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8          # spec 5.2.6
@@ -270,30 +272,110 @@ def test_config_capacity_in_sectors(tmp_path):
 
 # --- Chains that leave no way to answer: the device is broken.
 
-@pytest.mark.parametrize("buffers, words", [
-    ([(header(T_IN), False), (512, False)], "no status byte"),
-    ([(header(T_IN)[:8], False), (1, True)], "8-byte header"),
-    ([(1, True)], "0-byte header"),
-])
-def test_unanswerable_request_breaks_the_device(rig, buffers, words):
-    serve(rig, buffers)
+UNANSWERABLE = {
+    "no status byte": ([(header(T_IN), False), (512, False)], BlockRule.STATUS),
+    "8-byte header": ([(header(T_IN)[:8], False), (1, True)], BlockRule.HEADER),
+    "0-byte header": ([(1, True)], BlockRule.HEADER),
+}
+
+
+@pytest.mark.parametrize("case", list(UNANSWERABLE))
+def test_unanswerable_request_breaks_the_device(rig, case):
+    serve(rig, UNANSWERABLE[case][0])
     assert rig.device.broken
     assert rig.rings[0].used_idx == 0
     (report,) = rig.reports
     assert report.startswith("block0/requests: "), report
-    assert words in report and "block0 marked broken" in report
+    assert "block0 marked broken" in report
     # A broken device serves nothing until the guest resets it.
     serve(rig, [(header(T_IN), False), (512, True), (1, True)])
     assert rig.rings[0].used_idx == 0
 
 
+@pytest.mark.parametrize("case", list(UNANSWERABLE))
+def test_parse_refuses_an_unanswerable_request(rig, case):
+    buffers, rule = UNANSWERABLE[case]
+    with pytest.raises(BlockRequestError) as info:
+        parsed(rig, buffers, queue="block0/requests")
+    error = info.value
+    assert error.rule is rule and error.section == "5.2.6"
+    assert (error.queue, error.head) == ("block0/requests", 0)
+    # A fault of the block protocol, not of the ring: the chain was a good one.
+    assert isinstance(error, GuestError) and not isinstance(error, VirtqueueError)
+    assert str(error).startswith("block0/requests: request 0 "), str(error)
+
+
+def test_a_status_byte_is_looked_for_before_the_header(rig):
+    # Neither: the missing status byte is what the guest is told about.
+    with pytest.raises(BlockRequestError) as info:
+        parsed(rig, [(8, False)])
+    assert info.value.rule is BlockRule.STATUS
+
+
+# --- Parsing: every check in parse(); execute() only consumes its result.
+
+def parsed(rig, buffers, capacity=SECTORS, queue=None):
+    """Post one chain, pop it from the device's queue, and parse it."""
+    head, placed = rig.chain(0, buffers)
+    chain = rig.device.queues[0].pop()
+    assert chain.head == head
+    return BlockRequest.parse(chain, rig.memory, capacity, queue)
+
+
 def test_parse_keeps_data_and_status_apart(rig):
     head, placed = rig.chain(0, [(header(T_IN, 2), False), (100, True), (413, True)])
     chain = rig.device.queues[0].pop()
-    request = BlockRequest.parse(chain, rig.memory, "block0/requests")
+    request = BlockRequest.parse(chain, rig.memory, SECTORS)
     assert (request.type, request.sector, request.data_len) == (T_IN, 2, 512)
+    assert request.type is RequestType.IN and request.fault is None
     assert request.status.gpa == placed[2][0] + 412 and request.status.length == 1
     assert sum(b.length for b in request.data) == 512
+
+
+@pytest.mark.parametrize("code, type_", [
+    (T_IN, RequestType.IN), (T_OUT, RequestType.OUT), (T_FLUSH, RequestType.FLUSH),
+    (T_GET_ID, RequestType.GET_ID), (99, RequestType.UNSUPPORTED),
+    ((1 << 32) - 1, RequestType.UNSUPPORTED)])
+def test_parse_names_the_type(rig, code, type_):
+    # A read-sized request of every type: 16 header bytes, 8 readable
+    # bytes more, 512 writable ones and the status byte.
+    request = parsed(rig, [(header(code, 3) + bytes(8), False), (512, True), (1, True)])
+    assert request.type is type_ and isinstance(request.type, int)
+    assert (request.code, request.sector) == (code, 3)
+    # The data part follows from the type: a write's is what it sends
+    # after the header; every other type's is the room before the status.
+    expected_len = 8 if type_ is RequestType.OUT else 512
+    assert request.data_len == sum(b.length for b in request.data) == expected_len
+    assert request.fault == (BlockRule.TYPE if type_ is RequestType.UNSUPPORTED
+                             else BlockRule.LENGTH if type_ is RequestType.OUT else None)
+
+
+@pytest.mark.parametrize("type_, sector, length, rule", [
+    (T_IN, 0, 100, BlockRule.LENGTH),            # spec 5.2.6.1: multiples of 512
+    (T_OUT, 0, 100, BlockRule.LENGTH),
+    (T_IN, SECTORS, 512, BlockRule.RANGE),       # just past the end
+    (T_OUT, SECTORS - 1, 1024, BlockRule.RANGE),  # starts inside, runs past
+    (T_IN, (1 << 64) - 1, 512, BlockRule.RANGE),  # sector + count overflows u64
+    (T_IN, SECTORS - 1, 512, None),              # the last sector is in range
+    (T_OUT, SECTORS, 0, None),                   # nothing at the end: nothing past it
+    (T_FLUSH, (1 << 64) - 1, 100, None),         # a flush has no range, nor data
+    (T_GET_ID, SECTORS + 5, 20, None),
+    (7, 0, 512, BlockRule.TYPE),
+])
+def test_parse_records_an_answerable_fault(rig, type_, sector, length, rule):
+    data = (b"\x77" * length, False) if type_ == T_OUT else (length, True)
+    request = parsed(rig, [(header(type_, sector), False), data, (1, True)])
+    assert request.fault is rule
+    if rule is not None:
+        assert rule.section in ("5.2.6", "5.2.6.1")
+        # execute() answers it without I/O: what a real disk says.
+        assert rig.device.execute(request) == (block.ANSWERS[rule], 0)
+
+
+def test_a_parsed_request_cannot_change(rig):
+    request = parsed(rig, [(header(T_IN), False), (512, True), (1, True)])
+    with pytest.raises(AttributeError):
+        request.sector = 5
 
 
 # --- Opening the image.

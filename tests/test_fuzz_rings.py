@@ -54,6 +54,7 @@ from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.net import NetDevice
 from pylguest.devices.rng import RngDevice
+from pylguest.errors import GuestError
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import (DESC_DTYPE, VIRTIO_RING_F_EVENT_IDX,
@@ -590,6 +591,8 @@ class Bench:
         device.activate(case.event_idx << VIRTIO_RING_F_EVENT_IDX
                         | case.indirect << VIRTIO_RING_F_INDIRECT_DESC, rings)
         self.queues = device.queues
+        self.errors = []                  # the GuestErrors the device broke on
+        device.process = self._watching(device.process)
         allocator = Allocator()
         self.drivers, self.model_queues = [], []
         for queue, (num, pfn) in zip(self.queues, rings):
@@ -604,6 +607,17 @@ class Bench:
 
     def _interrupt(self):
         self.interrupts += 1
+
+    def _watching(self, process):
+        """The device's process(), noting the GuestError it raises: service()
+        makes that the broken-device report, and check_rule() its rule."""
+        def watched(index, vq):
+            try:
+                return process(index, vq)
+            except GuestError as e:
+                self.errors.append(e)
+                raise
+        return watched
 
     def snapshot(self):
         return model.ModelMemory([(r.gpa, self.memory.view(r.gpa, r.size)) for r in REGIONS])
@@ -743,12 +757,37 @@ def check_exactly(fuzz, expected, kick, interrupts_before):
     if fuzz.model.broken:
         assert bench.device.broken.startswith(label + ": "), bench.device.broken
         assert len(bench.reports) == 1 and bench.reports[0].startswith(label + ": "), bench.reports
+    if kick.broken:
+        (error,) = bench.errors
+        check_rule(error, kick.broken_rule)
     assert (queue.last_avail_idx, queue.used_idx) == (modelled.last_avail, modelled.used_idx), (
         "entries consumed and used")
     compare_memory(bench.memory, expected, bench.model_rings)
     check_notifications(bench.memory, kick, modelled)
     if interrupts_before is not None:
         assert bench.interrupts - interrupts_before == kick.interrupt, "interrupts"
+
+
+# The model's names for the rules of a chain's descriptors.  The two walks
+# check these in different orders (see virtio_model's docstring), so a chain
+# that breaks two of them may be reported under either; every other rule
+# (the ring's avail idx and head, a device's own) both check at one moment.
+DESCRIPTOR_RULES = {"loop", "next", "indirect feature", "indirect nested", "indirect next",
+                    "indirect size", "indirect memory", "order", "total", "memory"}
+
+
+def check_rule(error, model_rule):
+    """The device broke on the rule the model did: its error's rule has the
+    model's name (virtio/queue.py's RingRule and each device's rules are
+    named alike), or another of the DESCRIPTOR_RULES where the model's is
+    one (pylguest's "indirect bound" the model counts as "indirect size")."""
+    if error.rule is None:
+        return                    # a device that does not name its rules yet
+    name = error.rule.value
+    if model_rule in DESCRIPTOR_RULES:
+        assert name in DESCRIPTOR_RULES | {"indirect bound"}, (name, model_rule, str(error))
+    else:
+        assert name == model_rule, (name, model_rule, str(error))
 
 
 def compare_memory(memory, expected, rings):

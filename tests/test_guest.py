@@ -16,7 +16,7 @@ def test_hello_prints_cmdline_e820_and_exits_with_its_status(kvm_available):
         assert line.group(1) == b"exit=3 lguest.devices=0x4000000"
         assert guest.wait() == 3
         e820 = re.findall(r"hello: e820: (\[mem [^\]]*\] \w+)", guest.output)
-    # Stated independently of the launcher's code: design.md section 2.
+    # Stated independently of the launcher's code: docs/abi.md section 2.
     assert e820 == [
         "[mem 0x0000000000000000-0x000000000009fbff] usable",
         "[mem 0x000000000009fc00-0x00000000000fffff] reserved",

@@ -1,15 +1,18 @@
 """The KVM layer: kind detection, ioctl errors, and a vCPU running real code."""
 
+import errno
+import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from pylguest._kvm import ffi, lib
 from pylguest.errors import KvmError
-from pylguest.kvm import Kvm, detect_kvm_kind
-from pylguest.kvm.ioctl import ioctl
+from pylguest.kvm import Kvm, detect_kvm_kind, system
+from pylguest.kvm.ioctl import ioctl, ioctl_error
 from pylguest.memory import GuestMemory, Region
 
 
@@ -69,15 +72,63 @@ def test_this_machine_kind_matches_how_fast_kernel_mode_runs(kvm_available):
 def test_failed_ioctl_names_the_ioctl(kvm_available):
     kvm = Kvm()
     try:
-        with pytest.raises(KvmError, match=r"KVM_GET_REGS failed: .*errno"):
+        with pytest.raises(KvmError) as info:
+            # A vCPU's ioctl on /dev/kvm itself: the kernel refuses it.
             ioctl(kvm.fd, "KVM_GET_REGS", ffi.new("struct kvm_regs *"))
     finally:
         kvm.close()
+    error = info.value
+    assert error.ioctl == "KVM_GET_REGS"
+    assert error.errno in (errno.EINVAL, errno.ENOTTY), error
+    # The line a person reads: the ioctl, the system's words, the number.
+    assert str(error) == (f"KVM_GET_REGS failed: {os.strerror(error.errno)} "
+                          f"(errno {error.errno})")
+
+
+def test_an_ioctl_error_carries_its_name_and_errno():
+    error = ioctl_error("KVM_RUN", errno.EFAULT)
+    assert (error.ioctl, error.errno) == ("KVM_RUN", errno.EFAULT)
+    assert str(error) == f"KVM_RUN failed: {os.strerror(errno.EFAULT)} (errno {errno.EFAULT})"
 
 
 def test_missing_device_is_a_clear_error(tmp_path):
-    with pytest.raises(KvmError, match="cannot open"):
+    with pytest.raises(KvmError) as info:
         Kvm(str(tmp_path / "no-kvm"))
+    assert (info.value.ioctl, info.value.errno) == (None, errno.ENOENT)
+    assert str(info.value).startswith(f"cannot open {tmp_path / 'no-kvm'}: ")
+
+
+def unopened_kvm(monkeypatch, errors):
+    """A Kvm whose KVM_GET_SUPPORTED_CPUID fails with `errors`, in turn,
+    then succeeds: no /dev/kvm needed.  Returns it and the sizes offered."""
+    kvm, offered = object.__new__(Kvm), []
+    kvm.fd = -1
+
+    def fake_ioctl(fd, name, cpuid):
+        assert name == "KVM_GET_SUPPORTED_CPUID"
+        offered.append(cpuid.nent)
+        if len(offered) <= len(errors):
+            raise ioctl_error(name, errors[len(offered) - 1])
+        return 0
+    monkeypatch.setattr(system, "ioctl", fake_ioctl)
+    return kvm, offered
+
+
+def test_supported_cpuid_grows_its_buffer_on_e2big(monkeypatch):
+    kvm, offered = unopened_kvm(monkeypatch, [errno.E2BIG, errno.E2BIG])
+    assert kvm.supported_cpuid().nent == 256
+    assert offered == [64, 128, 256]
+
+
+def test_supported_cpuid_gives_up_on_other_errors_and_at_4096(monkeypatch):
+    kvm, offered = unopened_kvm(monkeypatch, [errno.ENOMEM])
+    with pytest.raises(KvmError) as info:
+        kvm.supported_cpuid()
+    assert info.value.errno == errno.ENOMEM and offered == [64]
+    kvm, offered = unopened_kvm(monkeypatch, [errno.E2BIG] * 10)
+    with pytest.raises(KvmError) as info:
+        kvm.supported_cpuid()
+    assert info.value.errno == errno.E2BIG and offered == [64, 128, 256, 512, 1024, 2048, 4096]
 
 
 # A real-mode loop at 0x1000:  mov al, 0x41 ; out 0x80, al ; inc al ; jmp out
@@ -152,7 +203,11 @@ KVM_FEATURE_CLOCKSOURCE2 = 1 << 3       # kvmclock's new MSRs (Documentation/vir
 
 
 def cpuid_leaves(cpuid):
-    return {(e.function, e.index): e for e in (cpuid.entries[i] for i in range(cpuid.nent))}
+    """The entries, copied: a cffi entry points into `cpuid`'s memory, which
+    is freed once `cpuid` is collected (the test read garbage when it kept
+    only the entries)."""
+    return {(e.function, e.index): SimpleNamespace(eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx)
+            for e in (cpuid.entries[i] for i in range(cpuid.nent))}
 
 
 @pytest.mark.parametrize("emulating", [False, True])

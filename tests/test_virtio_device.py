@@ -6,7 +6,7 @@ import threading
 from conftest import wait_until
 from virtio_rig import DeviceRig
 
-from pylguest.virtio.device import QueueWorker, VirtioDevice
+from pylguest.virtio.device import DeviceState, QueueWorker, RequestAbandoned, VirtioDevice
 
 PFN = 0x10
 DATA_AREA = (0x20000, 0xF0000)
@@ -114,3 +114,65 @@ def test_a_worker_that_will_not_end_keeps_its_pipe(memory):
     assert worker.join(5) is True
     assert worker._stop_r == -1
     os.close(kick_fd)
+
+
+# --- The one lifecycle: reset, active, broken; only activate, reset and
+# mark_broken move a device between them.
+
+class Strict(Echo):
+    """Echo, but a chain with a readable buffer breaks the device."""
+
+    def _serve(self, chain):
+        if chain.readable_len:
+            self.mark_broken(f"{self.queue_label(0)}: a readable buffer")
+            raise RequestAbandoned(self.name)
+        return super()._serve(chain)
+
+
+def test_a_device_moves_between_its_three_states(memory):
+    device = Strict()
+    rig = DeviceRig(device, memory, [PFN], DATA_AREA)
+    assert device.state is DeviceState.RESET and not device.active
+    rig.chain(0, [(8, True)])
+    device.service(0)                                   # not started: nothing served
+    assert device.served == 0 and rig.rings[0].used_idx == 0
+
+    rig.activate()
+    assert device.state is DeviceState.ACTIVE and device.active and device.broken is None
+    device.service(0)
+    assert device.served == 1
+
+    rig.chain(0, [(b"bad", False)])
+    device.service(0)
+    assert device.state is DeviceState.BROKEN and not device.active
+    assert device.broken == "echo0/requests: a readable buffer"
+    assert rig.reports == ["echo0/requests: a readable buffer: device echo0 marked broken "
+                           "until the guest resets it"]
+    rig.chain(0, [(8, True)])
+    device.service(0)                                   # broken: nothing served
+    assert device.served == 1
+
+    device.reset()
+    assert device.state is DeviceState.RESET and device.broken is None
+    assert device.queues == [] and device.guest_features == 0
+
+
+def test_a_ring_outside_guest_memory_breaks_the_device_at_activation(memory):
+    device = Echo()
+    rig = DeviceRig(device, memory, [PFN], DATA_AREA)
+    device.activate(0, [(8, (memory.size >> 12) + 16)])
+    assert device.state is DeviceState.BROKEN and device.queues == []
+    assert len(rig.reports) == 1 and "echo0/requests" in rig.reports[0]
+
+
+def test_the_console_takes_input_only_while_active(memory):
+    from pylguest.devices.console import ConsoleDevice
+    device = ConsoleDevice("console0", lambda data: None)
+    rig = DeviceRig(device, memory, [PFN, PFN + 4], DATA_AREA)
+    assert not device.accepting_input
+    rig.activate()
+    assert device.accepting_input
+    device.mark_broken("console0/transmitq: test")
+    assert not device.accepting_input                  # input goes to the UART then
+    device.reset()
+    assert not device.accepting_input

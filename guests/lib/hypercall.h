@@ -1,5 +1,5 @@
 /*
- * hypercall.h: talking to the launcher (design.md section 4).
+ * hypercall.h: talking to the launcher (docs/abi.md section 4).
  *
  * lguest guests used a hypercall instruction. Under KVM a `vmcall` never
  * leaves the kernel, so here a hypercall is an 8-byte store into the

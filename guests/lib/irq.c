@@ -4,7 +4,8 @@
  * The entry code is gcc's __attribute__((interrupt)): the compiler saves
  * every register the handler touches and returns with `iretq`, so no
  * assembly is needed. That attribute requires -mgeneral-regs-only, which
- * we build with anyway (no SSE in guest kernel code: design.md, 7).
+ * we build with anyway (no SSE in guest kernel code: docs/abi.md,
+ * section 7).
  */
 #include "io.h"
 #include "irq.h"

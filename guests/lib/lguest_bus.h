@@ -2,7 +2,7 @@
  * lguest_bus.h: the guest half of the lguest device bus.
  *
  * The launcher describes every device in one page just above our RAM,
- * at max_pfn << 12 (design.md section 3, the seed's scan_devices()):
+ * at max_pfn << 12 (docs/abi.md section 3, the seed's scan_devices()):
  *
  *   struct lguest_device_desc { u8 type, num_vq, feature_len, config_len,
  *                               status; }

@@ -1,6 +1,6 @@
 """Completing, in userspace, the few instructions an emulating KVM refuses.
 
-On the emulating KVM of design.md section 7, guest kernel mode runs in the
+On the emulating KVM of docs/abi.md section 7, guest kernel mode runs in the
 kernel's x86 emulator, which gives up on a handful of instructions with
 KVM_EXIT_INTERNAL_ERROR (suberror EMULATION), handing us the instruction
 bytes.  Linux executes these during boot, so we finish them here, exactly

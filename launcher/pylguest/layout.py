@@ -1,4 +1,4 @@
-"""The guest-physical memory map (design.md section 2), in one place.
+"""The guest-physical memory map (docs/abi.md section 2), in one place.
 
     0x500           GDT: 0x10 = 64-bit code, 0x18 = data (Linux's __BOOT_CS/DS)
     0x7000          boot_params, the "zero page"

@@ -3,7 +3,7 @@
 The guest's RAM, the lguest device page and the vrings above it are a
 single anonymous shared mapping, registered with KVM as one or two memory
 slots (two when RAM reaches above 3 GiB: the part above goes above 4 GiB, so
-the 32-bit MMIO hole stays free, design.md section 2).
+the 32-bit MMIO hole stays free, docs/abi.md section 2).
 
 Every guest-physical access the launcher makes goes through `GuestMemory`:
 `view(gpa, length)` is the one checked accessor (lguest's check_pointer):

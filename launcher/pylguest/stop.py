@@ -12,6 +12,7 @@ knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 EXIT_OK = 0
 EXIT_LAUNCHER_ERROR = 1        # KVM refused something, an unhandled exit
@@ -32,6 +33,12 @@ class Stop:
     def __str__(self):
         text = f"{self.reason} (exit status {self.status})"
         return f"{text}: {self.detail}" if self.detail else text
+
+
+# What every exit handler returns -- the run loop's, the port bus's and its
+# devices', the hypercall page's, the lguest bus's status handler: None to
+# let the guest run on, or the Stop that ends the run.
+ExitResult = Optional[Stop]
 
 
 def shutdown(status):

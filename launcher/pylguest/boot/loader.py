@@ -1,6 +1,6 @@
 """Putting a kernel into guest memory, the way a bootloader would.
 
-Three kinds of image are accepted (design.md section 6):
+Three kinds of image are accepted (docs/abi.md section 6):
 
   bzImage   the protected-mode code goes to 1 MiB and the vCPU starts at
             its 64-bit entry (load address + 0x200); the kernel's own

@@ -21,15 +21,17 @@ the request stops where it is and is never pushed, so the guest never sees
 it complete, and nobody waits for the rest of it.
 """
 
+import enum
 import fcntl
 import os
 import struct
 from dataclasses import dataclass
+from typing import Optional
 
-from pylguest.errors import UsageError
+from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import VirtioDevice
-from pylguest.virtio.queue import Buffer, VirtqueueError, slice_buffers
+from pylguest.virtio.queue import Buffer, slice_buffers
 
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512
@@ -55,36 +57,138 @@ IO_CHUNK = 1 << 20                  # bytes per preadv/pwritev: the longest a st
 IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv/pwritev (1024 on Linux)
 
 
+class RequestType(enum.IntEnum):
+    """What a request asks, from its header's type field (5.2.6)."""
+    IN = VIRTIO_BLK_T_IN            # read sectors into the guest's buffers
+    OUT = VIRTIO_BLK_T_OUT          # write the guest's buffers to sectors
+    FLUSH = VIRTIO_BLK_T_FLUSH      # make the writes before it durable
+    GET_ID = VIRTIO_BLK_T_GET_ID    # the device's id string
+    UNSUPPORTED = -1                # any other number: never a u32 on the wire
+
+
+class Status(enum.IntEnum):
+    """The status byte the device answers with (5.2.6)."""
+    OK = VIRTIO_BLK_S_OK
+    IOERR = VIRTIO_BLK_S_IOERR
+    UNSUPP = VIRTIO_BLK_S_UNSUPP
+
+
+class BlockRule(Rule):
+    """The rules of a block request that BlockRequest.parse checks.
+
+    Sections are virtio 1.2's (5.2.6, Device Operation, is numbered alike
+    in 1.0); the names are the ones the ring fuzzer's reference model
+    gives the same rules (tests/virtio_model.py).
+    """
+    # No way to answer: BlockRequestError, and the device is broken.
+    STATUS = "block status", "5.2.6"   # the request ends in a device-writable status byte
+    HEADER = "block header", "5.2.6"   # and starts with the 16-byte readable header
+    # Answered at once, with no I/O, with the status ANSWERS gives.
+    TYPE = "block type", "5.2.6"       # a type this device serves
+    LENGTH = "block length", "5.2.6.1"  # IN and OUT data: a multiple of 512 bytes
+    RANGE = "block range", "5.2.6.1"    # no read or write beyond capacity
+
+
+# The status each answerable fault gets: what a real disk says.
+ANSWERS = {BlockRule.TYPE: Status.UNSUPP,
+           BlockRule.LENGTH: Status.IOERR,
+           BlockRule.RANGE: Status.IOERR}
+
+
+class BlockRequestError(GuestError):
+    """A block request the device cannot even answer: with no status byte
+    there is nowhere to say IOERR, and one with no whole header does not
+    say what it asks.  Not a ring error: the chain itself obeyed every ring rule.
+    `rule` is the BlockRule broken."""
+
+
 @dataclass(frozen=True)
 class BlockRequest:
-    """One parsed, validated request: nothing here came unchecked from the guest."""
-    type: int
+    """One parsed, validated request: nothing here came unchecked from the guest.
+
+    `fault` is None for a request execute() carries out, or the BlockRule
+    it broke, which execute() answers with ANSWERS[fault] and no I/O.
+    """
+    type: RequestType
+    code: int                       # the header's type field, as the guest wrote it
     sector: int
     data: tuple                     # Buffers: the data part of the chain
     data_len: int
     status: Buffer                  # the one status byte
+    fault: Optional[BlockRule] = None
 
     @classmethod
-    def parse(cls, chain, memory, label):
-        """Split a chain into header, data and status; errors that leave us no
-        status byte to answer in make the chain (and device) unusable."""
-        if chain.writable_len < 1:
-            raise VirtqueueError(f"{label}: request {chain.head} has no status byte")
-        if chain.readable_len < HEADER.size:
-            raise VirtqueueError(f"{label}: request {chain.head} has a {chain.readable_len}-byte "
-                                 f"header, {HEADER.size} needed")
-        header = b"".join(memory.read(b.gpa, b.length)
-                          for b in slice_buffers(chain.readable, 0, HEADER.size))
-        type_, _ioprio, sector = HEADER.unpack(header)
+    def parse(cls, chain, memory, capacity, queue=None):
+        """Every check of the request in `chain`, for a disk of `capacity`
+        sectors, in one place.  A request that leaves us no way to answer
+        raises BlockRequestError (`queue` labels its message); any other
+        comes back, its fault if it has one recorded for execute()."""
+        status = _status_byte(chain, queue)
+        code, sector = _header(chain, memory, queue)
+        type_ = _request_type(code)
         status_offset = chain.writable_len - 1
-        status = slice_buffers(chain.writable, status_offset, status_offset + 1)[0]
-        if type_ == VIRTIO_BLK_T_OUT:
+        # Which part is the data follows from the type (5.2.6): a write's
+        # comes after the header, readable; every other type's is the
+        # writable room before the status byte.  The other part, if the
+        # guest sent one, is not looked at (Linux never sends one).
+        if type_ is RequestType.OUT:
             data = slice_buffers(chain.readable, HEADER.size, chain.readable_len)
             data_len = chain.readable_len - HEADER.size
         else:
             data = slice_buffers(chain.writable, 0, status_offset)
             data_len = status_offset
-        return cls(type_, sector, data, data_len, status)
+        fault = _fault(type_, sector, data_len, capacity)
+        return cls(type_, code, sector, data, data_len, status, fault)
+
+
+def _refuse(queue, rule, head, words):
+    message = f"{queue}: {words}" if queue else words
+    return BlockRequestError(message, head, rule=rule, queue=queue)
+
+
+def _status_byte(chain, queue):
+    """The status byte: the chain's last byte.  The ring's rules (2.7.4.2)
+    already put every writable byte after every readable one, so the last
+    writable byte is the last of all; a chain with none cannot be answered."""
+    if chain.writable_len < 1:
+        raise _refuse(queue, BlockRule.STATUS, chain.head,
+                      f"request {chain.head} has no status byte")
+    offset = chain.writable_len - 1
+    return slice_buffers(chain.writable, offset, offset + 1)[0]
+
+
+def _header(chain, memory, queue):
+    """(type, sector) from the 16-byte header, which may be split over
+    several readable buffers: a device must not assume how a request is
+    laid out in descriptors (2.7.4.1)."""
+    if chain.readable_len < HEADER.size:
+        raise _refuse(queue, BlockRule.HEADER, chain.head,
+                      f"request {chain.head} has a {chain.readable_len}-byte header, "
+                      f"{HEADER.size} needed")
+    header = b"".join(memory.read(b.gpa, b.length)
+                      for b in slice_buffers(chain.readable, 0, HEADER.size))
+    type_, _ioprio, sector = HEADER.unpack(header)
+    return type_, sector
+
+
+def _request_type(code):
+    try:
+        return RequestType(code)
+    except ValueError:                    # a u32 is never UNSUPPORTED's -1
+        return RequestType.UNSUPPORTED
+
+
+def _fault(type_, sector, data_len, capacity):
+    """The rule an answerable request breaks, or None.  Python's integers
+    make the range check exact: a sector near 2^64 cannot wrap round."""
+    if type_ is RequestType.UNSUPPORTED:
+        return BlockRule.TYPE
+    if type_ in (RequestType.IN, RequestType.OUT):
+        if data_len % SECTOR_SIZE:
+            return BlockRule.LENGTH
+        if sector + data_len // SECTOR_SIZE > capacity:
+            return BlockRule.RANGE
+    return None
 
 
 class BlockDevice(VirtioDevice):
@@ -130,45 +234,40 @@ class BlockDevice(VirtioDevice):
         return self.drain(vq, lambda chain: self._serve(index, chain))
 
     def _serve(self, index, chain):
-        request = BlockRequest.parse(chain, self.memory, self.queue_label(index))
+        request = BlockRequest.parse(chain, self.memory, self.capacity, self.queue_label(index))
         status, written = self.execute(request)
         if self.trace:
             self.trace(f"req   {self.queue_label(index)}: {describe(request)} -> "
-                       f"{STATUS_NAMES.get(status, status)}")
+                       f"{Status(status).name}")
         self.memory.write(request.status.gpa, bytes([status]))
         self.requests_served += 1
         return written + 1
 
     def execute(self, request):
-        """Do the I/O; return (status, bytes written into guest buffers)."""
-        if request.type == VIRTIO_BLK_T_IN:
+        """Do what a parsed request asks; return (status, bytes written into
+        guest buffers).  Every check of the request was parse()'s: here a
+        fault is only answered, and the rest is I/O."""
+        if request.fault is not None:
+            return ANSWERS[request.fault], 0
+        if request.type is RequestType.IN:
             return self._read(request)
-        if request.type == VIRTIO_BLK_T_OUT:
+        if request.type is RequestType.OUT:
             return self._write(request)
-        if request.type == VIRTIO_BLK_T_FLUSH:
+        if request.type is RequestType.FLUSH:
             return self._flush()
-        if request.type == VIRTIO_BLK_T_GET_ID:
-            return self._get_id(request)
-        return VIRTIO_BLK_S_UNSUPP, 0
-
-    def _in_range(self, request):
-        if request.data_len % SECTOR_SIZE:
-            return False
-        return request.sector + request.data_len // SECTOR_SIZE <= self.capacity
+        return self._get_id(request)          # GET_ID: the last type parse() lets through
 
     def _read(self, request):
-        if not self._in_range(request):
-            return VIRTIO_BLK_S_IOERR, 0
         done = self._transfer(os.preadv, request)
         if done != request.data_len:
-            return VIRTIO_BLK_S_IOERR, done
-        return VIRTIO_BLK_S_OK, done
+            return Status.IOERR, done
+        return Status.OK, done
 
     def _write(self, request):
-        if self.read_only or not self._in_range(request):
-            return VIRTIO_BLK_S_IOERR, 0
+        if self.read_only:                    # 5.2.6.2: IOERR, and no data written
+            return Status.IOERR, 0
         done = self._transfer(os.pwritev, request)
-        return (VIRTIO_BLK_S_OK if done == request.data_len else VIRTIO_BLK_S_IOERR), 0
+        return (Status.OK if done == request.data_len else Status.IOERR), 0
 
     def _transfer(self, call, request):
         """preadv/pwritev the request's data, IO_CHUNK bytes at a time,
@@ -185,12 +284,12 @@ class BlockDevice(VirtioDevice):
 
     def _flush(self):
         if self.read_only:
-            return VIRTIO_BLK_S_OK, 0
+            return Status.OK, 0
         try:
             os.fdatasync(self.fd)
         except OSError:
-            return VIRTIO_BLK_S_IOERR, 0
-        return VIRTIO_BLK_S_OK, 0
+            return Status.IOERR, 0
+        return Status.OK, 0
 
     def _get_id(self, request):
         ident = self.name.encode()[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
@@ -201,7 +300,7 @@ class BlockDevice(VirtioDevice):
                 break
             self.memory.write(buf.gpa, chunk)
             written += len(chunk)
-        return VIRTIO_BLK_S_OK, written
+        return Status.OK, written
 
     def close(self, timeout=5.0):
         if self.fd >= 0:
@@ -210,16 +309,14 @@ class BlockDevice(VirtioDevice):
         return True
 
 
-REQUEST_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
-                 VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get id"}
-STATUS_NAMES = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR",
-                VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+REQUEST_NAMES = {RequestType.IN: "read", RequestType.OUT: "write",
+                 RequestType.FLUSH: "flush", RequestType.GET_ID: "get id"}
 
 
 def describe(request):
     """A request in words, for --trace: "read 4096 bytes at sector 8"."""
-    name = REQUEST_NAMES.get(request.type, f"type {request.type}")
-    if request.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+    name = REQUEST_NAMES.get(request.type, f"type {request.code}")
+    if request.type in (RequestType.IN, RequestType.OUT):
         return f"{name} {request.data_len} bytes at sector {request.sector}"
     return name
 

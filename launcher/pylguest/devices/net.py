@@ -39,7 +39,20 @@ from pylguest._kvm import lib
 from pylguest.errors import UsageError
 from pylguest.hostfiles import oserror_text
 from pylguest.virtio.device import VirtioDevice
-from pylguest.virtio.queue import VirtqueueError, slice_buffers
+from pylguest.errors import GuestError, Rule
+from pylguest.virtio.queue import slice_buffers
+
+class NetRule(Rule):
+    """The net device's own rules (virtio 5.1.6); the names are the ring
+    fuzzer's reference model's (tests/virtio_model.py)."""
+    FRAME = "net frame", "5.1.6"      # a sent chain: the header and a frame, MAX_FRAME at most
+    ROOM = "net room", "5.1.6"        # a receive buffer holds at least the header
+
+
+class NetRequestError(GuestError):
+    """A frame or receive buffer the device cannot take: the chain obeyed
+    every ring rule, but not the net device's.  `rule` is the NetRule."""
+
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_MAC = 5
@@ -132,10 +145,12 @@ class NetDevice(VirtioDevice):
 
     def _send(self, chain):
         if not VNET_HDR_SIZE <= chain.readable_len <= MAX_FRAME:
-            raise VirtqueueError(
-                f"{self.queue_label(TRANSMITQ)}: the frame from head {chain.head} is "
+            queue = self.queue_label(TRANSMITQ)
+            raise NetRequestError(
+                f"{queue}: the frame from head {chain.head} is "
                 f"{chain.readable_len} bytes; with its {VNET_HDR_SIZE}-byte virtio_net_hdr "
-                f"a frame is {VNET_HDR_SIZE} to {MAX_FRAME} (virtio 5.1.6)", chain.head)
+                f"a frame is {VNET_HDR_SIZE} to {MAX_FRAME} (virtio 5.1.6)", chain.head,
+                rule=NetRule.FRAME, queue=queue)
         if len(chain.readable) <= IOV_MAX:
             frame = chain.readable_views(self.memory)
         else:
@@ -172,10 +187,12 @@ class NetDevice(VirtioDevice):
         """One frame from the tap into the chain's writable buffers; the bytes
         written (a frame longer than the room is cut, as a tap cuts it)."""
         if chain.writable_len < VNET_HDR_SIZE:
-            raise VirtqueueError(
-                f"{self.queue_label(RECEIVEQ)}: the buffer from head {chain.head} has "
+            queue = self.queue_label(RECEIVEQ)
+            raise NetRequestError(
+                f"{queue}: the buffer from head {chain.head} has "
                 f"{chain.writable_len} writable bytes, less than the {VNET_HDR_SIZE}-byte "
-                "virtio_net_hdr every frame starts with (virtio 5.1.6)", chain.head)
+                "virtio_net_hdr every frame starts with (virtio 5.1.6)", chain.head,
+                rule=NetRule.ROOM, queue=queue)
         room = slice_buffers(chain.writable, 0, MAX_FRAME)
         try:
             if len(room) <= IOV_MAX:

@@ -5,7 +5,7 @@ The layers, bottom up:
     ioctl.py   one helper that issues an ioctl and turns a failure into a
                KvmError naming it
     system.py  /dev/kvm: API version, capabilities, supported CPUID
-    kind.py    is this KVM hardware-backed or emulating? (design.md 7)
+    kind.py    is this KVM hardware-backed or emulating? (docs/abi.md 7)
     vm.py      a VM: memory slots, irqchip, PIT, irq lines, irqfd, ioeventfd
     vcpu.py    a vCPU: registers, CPUID, events, and KVM_RUN itself
     cpuid.py   which CPUID the guest is shown

@@ -4,7 +4,7 @@ We start from KVM_GET_SUPPORTED_CPUID (what this KVM can virtualize on this
 host) and change only what we must, each change with its reason.
 """
 
-# CPUID leaf 1, ECX bit 13: CMPXCHG16B.  The emulating KVM of design.md
+# CPUID leaf 1, ECX bit 13: CMPXCHG16B.  The emulating KVM of docs/abi.md
 # section 7 cannot emulate it in guest kernel mode, so there the guest must
 # not be told it exists (Linux uses it when it is advertised).
 LEAF1_ECX_CX16 = 1 << 13

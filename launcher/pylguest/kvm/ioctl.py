@@ -35,9 +35,8 @@ def ioctl(fd, name, arg=None):
     return result
 
 
-def ioctl_error(name, errno=None):
-    """A KvmError for a failed ioctl, from errno (ffi.errno by default)."""
-    errno = ffi.errno if errno is None else errno
-    error = KvmError(f"{name} failed: {os.strerror(errno)} (errno {errno})")
-    error.errno = errno
-    return error
+def ioctl_error(name, err=None):
+    """A KvmError for a failed ioctl: its `ioctl` is `name` and its `errno`
+    is `err` (by default ffi.errno, which the failed call left)."""
+    err = ffi.errno if err is None else err
+    return KvmError(f"{name} failed: {os.strerror(err)} (errno {err})", ioctl=name, errno=err)

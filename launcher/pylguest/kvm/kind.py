@@ -1,6 +1,6 @@
 """Is this KVM hardware-backed, or emulating guest kernel mode in software?
 
-design.md section 7: on the development and CI machines /dev/kvm is provided
+docs/abi.md section 7: on the development and CI machines /dev/kvm is provided
 by a module that emulates guest ring 0 instruction by instruction (kvm_pvm,
 "pagetable-based virtual machine"), about a thousand times slower than
 hardware and unable to emulate a few instructions.  Tests and the launcher's

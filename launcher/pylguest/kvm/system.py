@@ -1,5 +1,6 @@
 """/dev/kvm itself: the API version, capabilities and supported CPUID."""
 
+import errno
 import os
 
 from pylguest._kvm import ffi, lib
@@ -28,7 +29,8 @@ class Kvm:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmError(f"cannot open {path}: {e.strerror} "
-                           "(is KVM available here, and may you use it?)") from None
+                           "(is KVM available here, and may you use it?)",
+                           errno=e.errno) from None
         version = ioctl(self.fd, "KVM_GET_API_VERSION")
         if version != lib.KVM_API_VERSION:
             raise KvmError(f"{path} speaks KVM API {version}, "
@@ -64,7 +66,7 @@ class Kvm:
                 ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)
                 return cpuid
             except KvmError as e:
-                if getattr(e, "errno", None) != 7 or nent >= 4096:  # E2BIG
+                if e.errno != errno.E2BIG or nent >= 4096:
                     raise
                 nent *= 2
 

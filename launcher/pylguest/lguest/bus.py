@@ -34,7 +34,7 @@ from pylguest.virtio.device import (STATUS_DRIVER_OK, STATUS_FAILED, DeviceConte
                                     QueueWorker)
 from pylguest.virtio.queue import vring_size
 
-# Legacy ISA lines nobody else uses (design.md section 5): COM1 has 4, the
+# Legacy ISA lines nobody else uses (docs/abi.md section 5): COM1 has 4, the
 # PIT 0, the cascade 2, the RTC 8, the FPU 13.
 IRQ_POOL = (5, 9, 10, 11, 12, 14, 15, 6, 7)
 
@@ -150,9 +150,9 @@ class LguestBus:
                                    lambda addr, e=entry: self.status_changed(e))
         for index, vq in enumerate(slot.vqs):
             kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            entry.kick_fds.append(kick_fd)          # before the ioctl: close() finds it
             vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
             hypercalls.register_kick(vq.pfn << 12, device.queue_label(index))
-            entry.kick_fds.append(kick_fd)
             entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
                                              on_kick=lambda i, e=entry: self.kicked(e, i)))
 
@@ -228,26 +228,31 @@ class LguestBus:
         finally:
             device.abandon.clear()
 
-    def close(self):
+    def close(self) -> list:
         """Stop every worker and device thread, giving them CLOSE_TIMEOUT
-        seconds in all; whatever is still in a system call then (fdatasync
-        on a slow disk, a write to a stuck socket) keeps its fds, and the
-        process's exit ends it.  Returns the names of devices left running."""
+        seconds in all, and close every device, installed or not (a machine
+        that failed half-way through its construction closes its bus too).
+        Whatever is still in a system call then (fdatasync on a slow disk, a
+        write to a stuck socket) keeps its fds, and the process's exit ends
+        it.  Returns the names of devices left running."""
         deadline = time.monotonic() + self.CLOSE_TIMEOUT
+        left = lambda: max(0.0, deadline - time.monotonic())
+        entries = {id(entry.device): entry for entry in self.entries}
+        for device in self.devices:
+            device.abandon.set()                   # never cleared again
         for entry in self.entries:
-            entry.device.abandon.set()             # never cleared again
             for worker in entry.workers:
                 worker.request_stop()
         stuck = []
-        for entry in self.entries:
-            left = lambda: max(0.0, deadline - time.monotonic())
+        for device in self.devices:
+            entry = entries.get(id(device))
             # The device's fds are closed only once no worker can use them.
-            ended = all([worker.join(left()) for worker in entry.workers])
-            ended = ended and entry.device.close(left())
+            ended = all([worker.join(left()) for worker in (entry.workers if entry else [])])
+            ended = ended and device.close(left())
             if not ended:
-                stuck.append(entry.device.name)
-                continue
-            for fd in entry.kick_fds + [entry.irq_fd]:
-                if fd >= 0:
-                    os.close(fd)
+                stuck.append(device.name)
+            elif entry:
+                for fd in entry.kick_fds + [entry.irq_fd]:
+                    if fd >= 0:
+                        os.close(fd)
         return stuck

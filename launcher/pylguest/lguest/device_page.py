@@ -1,4 +1,4 @@
-"""The lguest device page: one page of device descriptors (design.md section 3).
+"""The lguest device page: one page of device descriptors (docs/abi.md section 3).
 
 This is the contract between the two halves of lguest.  The seed driver
 (lguest_device.c, scan_devices()) walks it from the start of the page:
@@ -14,8 +14,11 @@ packed back to back, unaligned; a zero type ends the list.
 The page is guest memory, so the guest can scribble on all of it.  The
 launcher therefore keeps its own copy of every field it owns (type, num_vq,
 feature_len, config_len, the vqconfigs, the host features) in `DeviceSlot`,
-and only ever *reads* from the page what the guest owns: the status byte,
-the guest features and the config space.
+and never reads those back.  It reads only what the guest owns -- the
+status byte and the guest features -- and writes the page only twice: whole,
+when the bus is installed (encode()), and a device's guest features, zeroed,
+when the guest resets it.  The config space is the device's to offer; what
+the guest writes there is never read.
 """
 
 import struct

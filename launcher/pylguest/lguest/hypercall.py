@@ -1,4 +1,4 @@
-"""The hypercall page: how a guest calls the launcher (design.md section 4).
+"""The hypercall page: how a guest calls the launcher (docs/abi.md section 4).
 
 lguest guests made hypercalls with a trapping instruction; under KVM a
 `vmcall` never reaches userspace, so here a hypercall is an 8-byte store to
@@ -9,7 +9,7 @@ store exits to us as KVM_EXIT_MMIO, and the offset says which call:
     0x08  LHCALL_SHUTDOWN(value)  bits 0-7 exit status; bit 8: reboot;
                                   bit 9: halted; bit 10: kernel panic
 
-Bits 9 and 10 are pylguest's additions to design.md's ABI: the Linux
+Bits 9 and 10 are pylguest's additions to lguest's ABI (docs/abi.md section 4): the Linux
 driver (guests/linux/lguest_device.c) sets them from its halt and panic
 hooks, so that neither is taken for an exit status.
 
@@ -23,8 +23,10 @@ a guest error: reported, and the guest goes on.
 """
 
 import struct
+from typing import Callable
 
 from pylguest import layout, stop
+from pylguest.stop import ExitResult, Stop
 
 LHCALL_NOTIFY = 0x00
 LHCALL_SHUTDOWN = 0x08
@@ -66,19 +68,20 @@ class HypercallPage:
         self.notify_names = {}          # guest address -> "block0 status", for --trace
         self.kick_names = {}            # vring address -> "block0/requests", for --trace
 
-    def register_notify(self, addr, name, target):
+    def register_notify(self, addr: int, name: str,
+                        target: Callable[[int], ExitResult]) -> None:
         """LHCALL_NOTIFY(addr) calls target(addr); `name` is for --trace."""
         self.notify_targets[addr] = target
         self.notify_names[addr] = name
 
-    def register_kick(self, addr, name):
+    def register_kick(self, addr: int, name: str) -> None:
         """A vring at addr: its kicks go to an ioeventfd, but --trace names it."""
         self.kick_names[addr] = name
 
     def contains(self, gpa):
         return self.base <= gpa < self.base + self.size
 
-    def mmio_write(self, gpa, data):
+    def mmio_write(self, gpa: int, data: bytes) -> ExitResult:
         """A store to the page; returns a Stop, or None to keep running."""
         offset = gpa - self.base
         if len(data) != 8 or offset not in (LHCALL_NOTIFY, LHCALL_SHUTDOWN):
@@ -90,7 +93,7 @@ class HypercallPage:
             return self.shutdown(value)
         return self.notify(value)
 
-    def shutdown(self, value):
+    def shutdown(self, value: int) -> Stop:
         kind = shutdown_kind(value)
         if kind == "panic":
             return stop.kernel_panic(self.panic_message() or "the guest kernel panicked")
@@ -100,7 +103,7 @@ class HypercallPage:
             return stop.reboot("LHCALL_SHUTDOWN with the reboot bit")
         return stop.shutdown(value & 0xFF)
 
-    def notify(self, addr):
+    def notify(self, addr: int) -> ExitResult:
         target = self.notify_targets.get(addr)
         if target is not None:
             return target(addr)

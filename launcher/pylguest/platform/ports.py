@@ -7,6 +7,17 @@ writes.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
+
+from pylguest.stop import ExitResult
+
+
+class PortDevice(Protocol):
+    """A device on the port bus; `offset` is from the device's base port."""
+
+    def io_in(self, offset: int) -> int: ...
+
+    def io_out(self, offset: int, value: int) -> ExitResult: ...
 
 
 @dataclass(frozen=True)
@@ -14,7 +25,7 @@ class PortRange:
     base: int
     count: int
     name: str
-    device: object                 # has io_in(offset) and io_out(offset, value)
+    device: PortDevice
     register_names: tuple = ()
 
     def register_name(self, offset):
@@ -27,23 +38,21 @@ class PortBus:
     def __init__(self):
         self._by_port = {}
 
-    def register(self, base, count, name, device, register_names=()):
+    def register(self, base: int, count: int, name: str, device: PortDevice,
+                 register_names=()) -> None:
         entry = PortRange(base, count, name, device, tuple(register_names))
         for port in range(base, base + count):
             if port in self._by_port:
                 raise ValueError(f"port 0x{port:x} claimed twice")
             self._by_port[port] = entry
 
-    def find(self, port):
-        return self._by_port.get(port)
-
-    def io_in(self, port, size):
+    def io_in(self, port: int, size: int) -> int:
         entry = self._by_port.get(port)
         if entry is None:
             return (1 << (8 * size)) - 1
         return entry.device.io_in(port - entry.base)
 
-    def io_out(self, port, size, value):
+    def io_out(self, port: int, size: int, value: int) -> ExitResult:
         entry = self._by_port.get(port)
         if entry is None:
             return None

@@ -44,6 +44,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from pylguest.errors import GuestError
 from pylguest.memory import GuestMemory
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                                    Virtqueue, VirtqueueError)
@@ -182,7 +183,7 @@ class VirtioDevice(abc.ABC):
             try:
                 if self.process(index, vq) and vq.needs_interrupt():
                     self.raise_interrupt(index)
-            except VirtqueueError as e:
+            except GuestError as e:
                 self.mark_broken(str(e))
                 # Requests completed before the bad one still deserve
                 # their interrupt.
@@ -253,9 +254,10 @@ class QueueWorker:
         """Wait up to `timeout` seconds for the thread; True once it ended.
         Its pipe is closed only then: a thread still polling on it must
         never see the fd number reused."""
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            return False
+        if self.thread.ident is not None:             # it was started
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                return False
         if self._stop_r >= 0:
             os.close(self._stop_r)
             os.close(self._stop_w)

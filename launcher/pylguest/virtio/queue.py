@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pylguest.errors import PylguestError
+from pylguest.errors import GuestError, Rule
 
 # --- Constants of the ring format (Linux include/uapi/linux/virtio_ring.h).
 
@@ -70,17 +70,43 @@ U16 = 0xFFFF
 U32_MAX = 0xFFFFFFFF
 
 
-class VirtqueueError(PylguestError):
+class RingRule(Rule):
+    """The rules of the split ring that pop() checks, one member each.
+
+    Sections are virtio 1.2's, where the split virtqueue is 2.7 (virtio
+    1.0 numbers it 2.4: tests/virtio_model.py cites those).  The names are
+    the ones the reference model gives the same rules, so the ring fuzzer
+    can compare the two; None marks pylguest's own rules: guest memory the
+    spec takes for granted, and a bound it does not set.
+    """
+    # The ring itself: no chain to blame.
+    QUEUE_SIZE = "queue size", "2.7"          # a power of two, at most 32768
+    RING_MEMORY = "ring memory"               # the ring lies in guest memory
+    AVAIL_IDX = "avail idx", "2.7.13.3"       # at most num entries ahead of us
+    HEAD = "head", "2.7.6"                    # a head indexes the table
+    # One chain: its head is known.
+    LOOP = "loop", "2.7.5.2"                  # a chain never visits a descriptor twice
+    NEXT = "next", "2.7.5"                    # `next` indexes its own table
+    INDIRECT_FEATURE = "indirect feature", "2.7.5.3.1"  # only if negotiated
+    INDIRECT_NESTED = "indirect nested", "2.7.5.3.1"    # no table inside a table
+    INDIRECT_NEXT = "indirect next", "2.7.5.3.1"        # not INDIRECT and NEXT at once
+    INDIRECT_SIZE = "indirect size", "2.7.5.3"  # len a non-zero multiple of 16
+    INDIRECT_BOUND = "indirect bound"         # at most MAX_QUEUE_SIZE entries
+    INDIRECT_MEMORY = "indirect memory"       # the table lies in guest memory
+    MEMORY = "memory"                         # each buffer lies in guest memory
+    ORDER = "order", "2.7.4.2"                # device-writable parts come last
+    TOTAL = "total", "2.7.5.2"                # at most 2^32 - 1 bytes in all
+
+
+class VirtqueueError(GuestError):
     """The guest broke a rule of the virtqueue format.
 
-    The message names the queue and the rule.  `head` is the descriptor
-    index of the offending chain when there is one (a lenient device may
-    give it back with push(head, 0)); None when the ring itself is broken.
+    The message names the queue and the rule, in words; `rule` is the
+    RingRule, `section` its spec section, `queue` the queue's label.
+    `head` is the descriptor index of the offending chain when there is
+    one (a lenient device may give it back with push(head, 0)); None when
+    the ring itself is broken.
     """
-
-    def __init__(self, message, head=None):
-        super().__init__(message)
-        self.head = head
 
 
 # --- Where the parts of a ring are (2.7.2, legacy layout).
@@ -181,11 +207,6 @@ class DescriptorChain:
         if piece:
             yield bytes(piece)
 
-    def read_all(self, memory):
-        """Gather the readable part of the chain into one bytes object (for
-        tests; device code uses readable_pieces, which is bounded)."""
-        return b"".join(memory.read(b.gpa, b.length) for b in self.readable)
-
     def write(self, memory, data):
         """Scatter `data` over the writable buffers, in order.
 
@@ -238,8 +259,12 @@ class Virtqueue:
         self._avail_event = memory.array(used + 4 + 8 * num, "<u2", 1)
         self.reset()
 
-    def _error(self, rule, head=None):
-        return VirtqueueError(f"{self.name}: {rule}", head)
+    def _error(self, rule, words, head=None):
+        """The VirtqueueError for `rule`: the queue's name, then `words`,
+        then the rule's spec section, so that message and field agree."""
+        if rule.section:
+            words += f" (virtio {rule.section})"
+        return VirtqueueError(f"{self.name}: {words}", head, rule=rule, queue=self.name)
 
     def _check_layout(self, num, pfn):
         # 2.7: "Queue Size value is always a power of 2.  The maximum Queue
@@ -247,11 +272,11 @@ class Virtqueue:
         # u16 wrap) depends on the power of two.
         if not (isinstance(num, int) and 1 <= num <= MAX_QUEUE_SIZE
                 and num & (num - 1) == 0):
-            raise self._error(f"queue size {num!r} is not a power of two "
-                              f"from 1 to {MAX_QUEUE_SIZE} (virtio 2.7)")
+            raise self._error(RingRule.QUEUE_SIZE, f"queue size {num!r} is not a power of two "
+                              f"from 1 to {MAX_QUEUE_SIZE}")
         size = vring_size(num)
         if pfn < 0 or not self.memory.contains(pfn << 12, size):
-            raise self._error(f"ring of {num} entries at pfn 0x{pfn:x} "
+            raise self._error(RingRule.RING_MEMORY, f"ring of {num} entries at pfn 0x{pfn:x} "
                               f"(0x{pfn << 12:x}, 0x{size:x} bytes) is not "
                               "inside guest memory")
 
@@ -275,9 +300,10 @@ class Virtqueue:
         # 2.7.13.3: the driver adds at most num entries we have not consumed,
         # since the ring has only num slots.  More means it is lying.
         if count > self.num:
-            raise self._error(f"avail idx {avail_idx} is {count} entries ahead of "
+            raise self._error(RingRule.AVAIL_IDX,
+                              f"avail idx {avail_idx} is {count} entries ahead of "
                               f"the {self.last_avail_idx} we consumed; a ring of "
-                              f"{self.num} holds at most {self.num} (virtio 2.7.13.3)")
+                              f"{self.num} holds at most {self.num}")
         return count
 
     def pop(self):
@@ -298,8 +324,8 @@ class Virtqueue:
     def _parse_chain(self, head):
         """Walk the chain from `head`: every check, each descriptor read once."""
         if head >= self.num:
-            raise self._error(f"available ring entry names head descriptor {head}, "
-                              f"beyond the table of {self.num} (virtio 2.7.6)")
+            raise self._error(RingRule.HEAD, f"available ring entry names head descriptor {head}, "
+                              f"beyond the table of {self.num}")
         memory = self.memory
         table, table_size, in_indirect = self._desc, self.num, False
         readable, writable = [], []
@@ -313,8 +339,9 @@ class Virtqueue:
         while True:
             if ttl == 0:
                 where = "indirect table" if in_indirect else "queue"
-                raise self._error(f"chain from head {head} is longer than its {where} "
-                                  f"of {table_size} descriptors: a loop (virtio 2.7.5.2)",
+                raise self._error(RingRule.LOOP,
+                                  f"chain from head {head} is longer than its {where} "
+                                  f"of {table_size} descriptors: a loop",
                                   head)
             ttl -= 1
             addr, length, flags, next_index = table.item(index)
@@ -338,26 +365,28 @@ class Virtqueue:
                 # descriptor elements after any device-readable descriptor
                 # elements."
                 if seen_writable:
-                    raise self._error(f"chain from head {head} has a device-readable "
-                                      "descriptor after a device-writable one "
-                                      "(virtio 2.7.4.2)", head)
+                    raise self._error(RingRule.ORDER,
+                                      f"chain from head {head} has a device-readable "
+                                      "descriptor after a device-writable one", head)
                 readable_len += length
                 if length:
                     readable.append(Buffer(addr, length))
             # 2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than
             # 2^32 bytes in total"; used.len is a u32 and must be able to say it.
             if readable_len + writable_len > U32_MAX:
-                raise self._error(f"chain from head {head} is longer than 2^32 - 1 bytes "
-                                  "in total: the lengths overflow u32 (virtio 2.7.5.2)",
+                raise self._error(RingRule.TOTAL,
+                                  f"chain from head {head} is longer than 2^32 - 1 bytes "
+                                  "in total: the lengths overflow u32",
                                   head)
 
             if not flags & VRING_DESC_F_NEXT:
                 break
             if next_index >= table_size:
                 where = "indirect table" if in_indirect else "queue"
-                raise self._error(f"descriptor {index} of the chain from head {head} "
+                raise self._error(RingRule.NEXT,
+                                  f"descriptor {index} of the chain from head {head} "
                                   f"has next {next_index}, beyond its {where} of "
-                                  f"{table_size} (virtio 2.7.5)", head)
+                                  f"{table_size}", head)
             index = next_index
 
         return DescriptorChain(head, tuple(readable), tuple(writable),
@@ -366,37 +395,43 @@ class Virtqueue:
     def _check_indirect(self, head, addr, length, flags, in_indirect):
         """The rules of 2.7.5.3 for a descriptor that points at a table."""
         if not self.indirect:
-            raise self._error(f"chain from head {head} uses an indirect descriptor, "
-                              "but VIRTIO_RING_F_INDIRECT_DESC was not negotiated "
-                              "(virtio 2.7.5.3.1)", head)
+            raise self._error(RingRule.INDIRECT_FEATURE,
+                              f"chain from head {head} uses an indirect descriptor, "
+                              "but VIRTIO_RING_F_INDIRECT_DESC was not negotiated", head)
         if in_indirect:
-            raise self._error(f"chain from head {head} has an indirect descriptor "
-                              "inside an indirect table (virtio 2.7.5.3.1)", head)
+            raise self._error(RingRule.INDIRECT_NESTED,
+                              f"chain from head {head} has an indirect descriptor "
+                              "inside an indirect table", head)
         if flags & VRING_DESC_F_NEXT:
-            raise self._error(f"chain from head {head} has an indirect descriptor "
-                              "with NEXT set too (virtio 2.7.5.3.1)", head)
+            raise self._error(RingRule.INDIRECT_NEXT,
+                              f"chain from head {head} has an indirect descriptor "
+                              "with NEXT set too", head)
         if length == 0 or length % DESC_SIZE:
-            raise self._error(f"chain from head {head} has an indirect table of "
+            raise self._error(RingRule.INDIRECT_SIZE,
+                              f"chain from head {head} has an indirect table of "
                               f"{length} bytes, not a non-zero multiple of "
-                              f"{DESC_SIZE} (virtio 2.7.5.3)", head)
+                              f"{DESC_SIZE}", head)
         # Our own bound, so that one table cannot make us walk millions of
         # entries; Linux never builds a table this large.
         if length // DESC_SIZE > MAX_QUEUE_SIZE:
-            raise self._error(f"chain from head {head} has an indirect table of "
+            raise self._error(RingRule.INDIRECT_BOUND,
+                              f"chain from head {head} has an indirect table of "
                               f"{length // DESC_SIZE} descriptors, more than "
                               f"{MAX_QUEUE_SIZE}", head)
         if not self.memory.contains(addr, length):
-            raise self._error(f"chain from head {head} has an indirect table at "
+            raise self._error(RingRule.INDIRECT_MEMORY,
+                              f"chain from head {head} has an indirect table at "
                               f"0x{addr:x} (0x{length:x} bytes) outside guest memory",
                               head)
 
     def _check_buffer(self, head, addr, length):
         """[addr, addr + length) must lie in guest memory: first byte AND last."""
         if addr + length > 1 << 64:
-            raise self._error(f"chain from head {head} has a buffer at 0x{addr:x} "
+            raise self._error(RingRule.MEMORY,
+                              f"chain from head {head} has a buffer at 0x{addr:x} "
                               f"of 0x{length:x} bytes that wraps past 2^64", head)
         if not self.memory.contains(addr, length):
-            raise self._error(f"chain from head {head} has a buffer 0x{addr:x}-"
+            raise self._error(RingRule.MEMORY, f"chain from head {head} has a buffer 0x{addr:x}-"
                               f"0x{addr + length:x} outside guest memory", head)
 
     # -- The used side: giving buffers back.

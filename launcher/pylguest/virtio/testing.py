@@ -1,4 +1,5 @@
-"""A mock guest driver: builds split rings in plain guest memory.
+"""A mock guest driver, for the tests and benchmarks only: builds split
+rings in plain guest memory, and reads back what a device left there.
 
 The tests (and benchmarks) play the guest with it: write descriptors,
 publish chains in the available ring, read what the device put in the used
@@ -138,3 +139,10 @@ def link_table(table, length):
 def fill_pattern(length, seed=0):
     """Deterministic, recognisable bytes for scatter/gather tests."""
     return ((np.arange(length, dtype=np.uint32) * 7 + seed) & 0xFF).astype(np.uint8).tobytes()
+
+
+def read_all(chain, memory):
+    """The readable part of a chain, gathered into one bytes object: what
+    the driver put there.  (Device code never gathers a whole chain: it
+    reads DescriptorChain.readable_pieces, a bounded piece at a time.)"""
+    return b"".join(memory.read(b.gpa, b.length) for b in chain.readable)
