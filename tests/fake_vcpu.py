@@ -24,11 +24,11 @@ RAM_TOP = 0x100000
 
 
 class FakeVcpu:
-    def __init__(self, script=()):
+    def __init__(self, script=(), rip=0x1000, rflags=0x2):
         self.kvm_run = ffi.new("struct kvm_run *")
         self.script = list(script)        # callables(kvm_run, vcpu) -> exit reason
         self.io_buffer = bytearray(64)
-        self.regs = ffi.new("struct kvm_regs *", {"rip": 0x1000, "rflags": 0x2})
+        self.regs = ffi.new("struct kvm_regs *", {"rip": rip, "rflags": rflags})
         self.sregs = ffi.new("struct kvm_sregs *", {"cr0": 0x80000011, "efer": 0x500})
         self.events = ffi.new("struct kvm_vcpu_events *")
         self.runs = 0
@@ -101,16 +101,21 @@ def plain(reason, fill=None):
     return exit_
 
 
+def fill_refused(run, insn, flags=None):
+    """kvm_run as an emulating KVM leaves it when it refuses `insn`: an
+    emulation failure carrying the instruction bytes (unless flags say not)."""
+    run.exit_reason = lib.KVM_EXIT_INTERNAL_ERROR
+    run.internal.suberror = lib.KVM_INTERNAL_ERROR_EMULATION
+    run.internal.ndata = 3
+    run.internal.data[0] = (lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+                            if flags is None else flags)
+    raw = bytes([len(insn)]) + insn + bytes(15 - len(insn))
+    run.internal.data[1] = int.from_bytes(raw[:8], "little")
+    run.internal.data[2] = int.from_bytes(raw[8:16], "little")
+
+
 def refused(insn, flags=None):
-    def fill(run):
-        run.internal.suberror = lib.KVM_INTERNAL_ERROR_EMULATION
-        run.internal.ndata = 3
-        run.internal.data[0] = (lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-                                if flags is None else flags)
-        raw = bytes([len(insn)]) + insn + bytes(15 - len(insn))
-        run.internal.data[1] = int.from_bytes(raw[:8], "little")
-        run.internal.data[2] = int.from_bytes(raw[8:16], "little")
-    return plain(lib.KVM_EXIT_INTERNAL_ERROR, fill)
+    return plain(lib.KVM_EXIT_INTERNAL_ERROR, lambda run: fill_refused(run, insn, flags))
 
 
 def system_event(kind):

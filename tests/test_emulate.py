@@ -1,41 +1,15 @@
 """Completing refused instructions: what each does to the vCPU's state."""
 
 import pytest
+from fake_vcpu import FakeVcpu, fill_refused
 
-from pylguest._kvm import ffi, lib
+from pylguest._kvm import ffi
 from pylguest.emulate import RFLAGS_AC, complete_refused_instruction, instruction_bytes
-
-
-class FakeVcpu:
-    """Registers and events, as the completions see them through the Vcpu API."""
-
-    def __init__(self, rip=0x1000, rflags=0x2):
-        self.regs = ffi.new("struct kvm_regs *", {"rip": rip, "rflags": rflags})
-        self.events = ffi.new("struct kvm_vcpu_events *")
-
-    def get_regs(self):
-        return self.regs
-
-    def set_regs(self, regs):
-        self.regs = regs
-
-    def get_events(self):
-        return self.events
-
-    def set_events(self, events):
-        self.events = events
 
 
 def kvm_run_with(insn, flags=None):
     run = ffi.new("struct kvm_run *")
-    run.exit_reason = lib.KVM_EXIT_INTERNAL_ERROR
-    run.internal.suberror = lib.KVM_INTERNAL_ERROR_EMULATION
-    run.internal.ndata = 3
-    run.internal.data[0] = (lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-                            if flags is None else flags)
-    raw = bytes([len(insn)]) + insn + bytes(15 - len(insn))
-    run.internal.data[1] = int.from_bytes(raw[:8], "little")
-    run.internal.data[2] = int.from_bytes(raw[8:16], "little")
+    fill_refused(run, insn, flags)
     return run
 
 
