@@ -22,9 +22,10 @@ never passes through the vCPU thread or Python's run loop.  A worker raises
 the device's interrupt through its irqfd, so it never needs the vCPU either.
 
 Anything a guest gets wrong in a queue raises a GuestError (a ring rule or
-a device's own protocol rule); service() catches it at one place, marks the device broken with a message naming the
-device and queue, and stops serving it.  The guest can reset the device to
-bring it back; the rest of the machine never notices.
+a device's own protocol rule); service() catches it at one place, marks the
+device broken with a message naming the device and queue, and stops serving
+it.  The guest can reset the device to bring it back; the rest of the
+machine never notices.
 
 A request in flight can be abandoned.  A guest's reset, and the end of the
 run, must not wait for a backend busy with a multi-GiB request (the vCPU
