@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from virtio_rig import MEM_SIZE, DeviceRig, FakeVm, new_memory
+from virtio_rig import MEM_SIZE, DeviceRig, EarlyConsole, FakeVm, new_memory
 
 from pylguest import stop
 from pylguest.lguest import device_page
@@ -54,14 +54,6 @@ class BusRig(DeviceRig):
         return self._interrupts
 
 
-class Early:
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, data):
-        self.data += data
-
-
 class Guest:
     """A machine's worth of bus, for a block0 and an rng0 sharing memory."""
 
@@ -78,7 +70,7 @@ class Guest:
         self.traces = []
         self.bus = bus = LguestBus([self.block, self.rng])
         self.vm = FakeVm()
-        self.hypercalls = HypercallPage(self.memory, RAM_TOP, Early(), self.reports.append)
+        self.hypercalls = HypercallPage(self.memory, RAM_TOP, EarlyConsole(), self.reports.append)
         bus.install(self.memory, RAM_TOP, self.vm, self.hypercalls, self.reports.append,
                     self.traces.append)
         self.rigs = {e.device.name: BusRig(e, self.memory, data, self.reports)

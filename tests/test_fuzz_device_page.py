@@ -37,7 +37,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz_support import fuzz_test, record
-from virtio_rig import FakeVm
+from virtio_rig import EarlyConsole, FakeVm
 from pylguest.lguest.bus import LguestBus
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
@@ -54,14 +54,6 @@ ACK, DRIVER, DRIVER_OK, FAILED = 1, 2, 4, 0x80
 STATUS_OFFSET, FEATURE_LEN = 4, 4
 
 
-class Sink:
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, data):
-        self.data += data
-
-
 class Machine:
     """A bus with block0, console0, net0 and rng0 on plain memory."""
 
@@ -73,7 +65,7 @@ class Machine:
         with open(entropy, "wb") as f:
             f.write(os.urandom(4096))
         self.peer, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.console_out, self.early = [], Sink()
+        self.console_out, self.early = [], EarlyConsole()
         self.devices = [BlockDevice("block0", image), ConsoleDevice("console0", self.console_out.append),
                         NetDevice("net0", "fuzz", bytes.fromhex("525400123456"), tap_fd=ours.detach()),
                         RngDevice("rng0", entropy)]

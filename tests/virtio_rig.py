@@ -54,6 +54,17 @@ class FakeVm:
         self.ioeventfds.append((fd, addr, length, datamatch))
 
 
+class EarlyConsole:
+    """The hypercall page's console (HypercallPage(console=...)): what the
+    guest printed with early-console notifies."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+
 class DeviceRig:
     """One device, its rings at `pfns`, its buffers in `data_area`.
 
