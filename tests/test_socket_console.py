@@ -60,6 +60,14 @@ def recv_exactly(client, n):
     return data
 
 
+def received_exactly(console, n):
+    """The next n bytes the console handed to its receive callback."""
+    got = b""
+    while len(got) < n:
+        got += console.received.get(timeout=WAIT)
+    return got
+
+
 def test_client_gets_the_output(console, path):
     with connect(path, console) as client:
         console.write(b"hello ")
@@ -70,10 +78,7 @@ def test_client_gets_the_output(console, path):
 def test_what_the_client_sends_reaches_receive(console, path):
     with connect(path, console) as client:
         client.sendall(b"typed")
-        got = b""
-        while len(got) < 5:
-            got += console.received.get(timeout=WAIT)
-        assert got == b"typed"
+        assert received_exactly(console, 5) == b"typed"
 
 
 def test_output_without_a_client_is_dropped(console, path):
@@ -115,10 +120,7 @@ def test_client_reset_does_not_kill_the_console(console, path):
     until(lambda: console.client is None)
     with connect(path, console) as again:
         again.sendall(b"still here")
-        got = b""
-        while len(got) < 10:
-            got += console.received.get(timeout=WAIT)
-        assert got == b"still here"
+        assert received_exactly(console, 10) == b"still here"
 
 
 def test_stale_socket_is_replaced(path):

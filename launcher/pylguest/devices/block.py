@@ -231,13 +231,14 @@ class BlockDevice(VirtioDevice):
         return struct.pack("<QIIHBBI", self.capacity, 0, 0, 0, 0, 0, SECTOR_SIZE)
 
     def process(self, index, vq):
-        return self.drain(vq, lambda chain: self._serve(index, chain))
+        # vq.name is the queue's label, made once when the queue was.
+        return self.drain(vq, lambda chain: self._serve(vq.name, chain))
 
-    def _serve(self, index, chain):
-        request = BlockRequest.parse(chain, self.memory, self.capacity, self.queue_label(index))
+    def _serve(self, label, chain):
+        request = BlockRequest.parse(chain, self.memory, self.capacity, label)
         status, written = self.execute(request)
         if self.trace:
-            self.trace(f"req   {self.queue_label(index)}: {describe(request)} -> "
+            self.trace(f"req   {label}: {describe(request)} -> "
                        f"{Status(status).name}")
         self.memory.write(request.status.gpa, bytes([status]))
         self.requests_served += 1
