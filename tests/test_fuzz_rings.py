@@ -57,9 +57,8 @@ from pylguest.devices.rng import RngDevice
 from pylguest.errors import GuestError
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
-from pylguest.virtio.queue import (DESC_DTYPE, VIRTIO_RING_F_EVENT_IDX,
-                                   VIRTIO_RING_F_INDIRECT_DESC, Virtqueue)
-from pylguest.virtio.testing import RingBuilder
+from pylguest.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, Virtqueue
+from pylguest.virtio.testing import DESC_DTYPE, RingBuilder
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.usefixtures("peak_rss_bounded")]
 
@@ -711,7 +710,7 @@ def kick_round(fuzz, rnd, expected, race):
 class Race:
     """A round's late chains: the driver publishes them at the worst moment,
     just as the device, having found the ring empty, turns notifications
-    back on (its Virtqueue.set_notification(True), before the store), and
+    back on (the C ring's before_enable moment, before the store), and
     kicks only if it then reads notifications on (1.0 3.2.1.4.1).  Unless
     the device looks at the ring once more after turning them on, those
     chains wait for a kick that never comes.  The model publishes them
@@ -721,18 +720,17 @@ class Race:
         self.memory, self.event_idx, self.late_idx = bench.memory, event_idx, late_idx
         self.driver_ring, self.ring = bench.drivers[index].ring, bench.model_rings[index]
         self.queue, self.published, self.kicked = bench.queues[index], False, False
-        self.queue.set_notification = self._set_notification
+        self.queue.before_enabling_kicks(self._publish)
 
     def publish_in_model(self, memory):
         memory.write(self.ring.avail + 2, self.late_idx.to_bytes(2, "little"))
         return True
 
-    def _set_notification(self, enabled):
-        if enabled and not self.published:
+    def _publish(self):
+        if not self.published:
             self.published, old = True, self.driver_ring.avail_idx
             self.driver_ring.set_avail_idx(self.late_idx)
             self.kicked = self._driver_kicks(old)
-        return Virtqueue.set_notification(self.queue, enabled)
 
     def _driver_kicks(self, old):
         """1.0 3.2.1.4.1: what a driver that just published reads."""
@@ -742,7 +740,7 @@ class Race:
         return not self.memory.read_int(self.ring.used_flags, 2) & model.USED_NO_NOTIFY
 
     def close(self):
-        del self.queue.set_notification
+        self.queue.before_enabling_kicks(None)
 
 
 def check_exactly(fuzz, expected, kick, interrupts_before):

@@ -2,36 +2,37 @@
 
 A request is a descriptor chain: a readable 16-byte header
 {u32 type; u32 ioprio; u64 sector}, then data buffers (readable for a write,
-writable for a read), then one writable status byte.  Following Firecracker,
-a chain is first *parsed* into an immutable BlockRequest, every length and
-the sector range checked with exact arithmetic, and only then *executed*;
-execution never looks at raw descriptors again.
+writable for a read), then one writable status byte.
 
-Data moves with preadv/pwritev straight between the image file and guest
-memory (numpy views of the guest's buffers), with no copy in between.
+The request loop is C (csrc/blk.c): on each kick the queue's worker calls
+it once, with the GIL released, and it drains the ring -- pop and check the
+chain (csrc/virtq.c), parse the request (every length and the sector range
+checked before any I/O, Firecracker's way), preadv/pwritev straight between
+the image file and guest memory, the status byte, push -- until the ring
+is empty; Python then decides on one interrupt for the batch.  What stays
+here is the control plane: the image and its features, the config space,
+and turning a broken rule into a broken device.
 
 Never lose data: a write the guest sees complete has been handed to the
 file (pwritev returned every byte), FLUSH means fdatasync, and a read-only
 image answers every write with IOERR.
 
 One request may move up to 4 GiB.  It moves in system calls of at most
-IO_CHUNK bytes (and IOV_MAX buffers), and between them the device checks
-whether a reset or the end of the run is waiting (check_abandoned): then
-the request stops where it is and is never pushed, so the guest never sees
-it complete, and nobody waits for the rest of it.
+IO_CHUNK bytes (and IOV_MAX buffers), and between them the loop checks the
+device's abandon flag: once a reset or the end of the run has set it, the
+request stops where it is and is never pushed, so the guest never sees it
+complete, and nobody waits for the rest of it.
 """
 
 import enum
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
-from typing import Optional
 
+from pylguest._dataplane import ffi, lib
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
-from pylguest.virtio.device import VirtioDevice
-from pylguest.virtio.queue import Buffer, slice_buffers
+from pylguest.virtio.device import RequestAbandoned, VirtioDevice
 
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512
@@ -53,8 +54,8 @@ VIRTIO_BLK_F_FLUSH = 9
 
 HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
 QUEUE_SIZE = 128
-IO_CHUNK = 1 << 20                  # bytes per preadv/pwritev: the longest a stop waits
-IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv/pwritev (1024 on Linux)
+IO_CHUNK = lib.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv/pwritev (1024 on Linux, blk.c's too)
 
 
 class RequestType(enum.IntEnum):
@@ -74,7 +75,7 @@ class Status(enum.IntEnum):
 
 
 class BlockRule(Rule):
-    """The rules of a block request that BlockRequest.parse checks.
+    """The rules of a block request that csrc/blk.c's parse() checks.
 
     Sections are virtio 1.2's (5.2.6, Device Operation, is numbered alike
     in 1.0); the names are the ones the ring fuzzer's reference model
@@ -83,7 +84,8 @@ class BlockRule(Rule):
     # No way to answer: BlockRequestError, and the device is broken.
     STATUS = "block status", "5.2.6"   # the request ends in a device-writable status byte
     HEADER = "block header", "5.2.6"   # and starts with the 16-byte readable header
-    # Answered at once, with no I/O, with the status ANSWERS gives.
+    # Answered at once, with no I/O, with the status ANSWERS gives (blk.c's
+    # fault_status()).
     TYPE = "block type", "5.2.6"       # a type this device serves
     LENGTH = "block length", "5.2.6.1"  # IN and OUT data: a multiple of 512 bytes
     RANGE = "block range", "5.2.6.1"    # no read or write beyond capacity
@@ -100,95 +102,6 @@ class BlockRequestError(GuestError):
     there is nowhere to say IOERR, and one with no whole header does not
     say what it asks.  Not a ring error: the chain itself obeyed every ring rule.
     `rule` is the BlockRule broken."""
-
-
-@dataclass(frozen=True)
-class BlockRequest:
-    """One parsed, validated request: nothing here came unchecked from the guest.
-
-    `fault` is None for a request execute() carries out, or the BlockRule
-    it broke, which execute() answers with ANSWERS[fault] and no I/O.
-    """
-    type: RequestType
-    code: int                       # the header's type field, as the guest wrote it
-    sector: int
-    data: tuple                     # Buffers: the data part of the chain
-    data_len: int
-    status: Buffer                  # the one status byte
-    fault: Optional[BlockRule] = None
-
-    @classmethod
-    def parse(cls, chain, memory, capacity, queue=None):
-        """Every check of the request in `chain`, for a disk of `capacity`
-        sectors, in one place.  A request that leaves us no way to answer
-        raises BlockRequestError (`queue` labels its message); any other
-        comes back, its fault if it has one recorded for execute()."""
-        status = _status_byte(chain, queue)
-        code, sector = _header(chain, memory, queue)
-        type_ = _request_type(code)
-        status_offset = chain.writable_len - 1
-        # Which part is the data follows from the type (5.2.6): a write's
-        # comes after the header, readable; every other type's is the
-        # writable room before the status byte.  The other part, if the
-        # guest sent one, is not looked at (Linux never sends one).
-        if type_ is RequestType.OUT:
-            data = slice_buffers(chain.readable, HEADER.size, chain.readable_len)
-            data_len = chain.readable_len - HEADER.size
-        else:
-            data = slice_buffers(chain.writable, 0, status_offset)
-            data_len = status_offset
-        fault = _fault(type_, sector, data_len, capacity)
-        return cls(type_, code, sector, data, data_len, status, fault)
-
-
-def _refuse(queue, rule, head, words):
-    message = f"{queue}: {words}" if queue else words
-    return BlockRequestError(message, head, rule=rule, queue=queue)
-
-
-def _status_byte(chain, queue):
-    """The status byte: the chain's last byte.  The ring's rules (2.7.4.2)
-    already put every writable byte after every readable one, so the last
-    writable byte is the last of all; a chain with none cannot be answered."""
-    if chain.writable_len < 1:
-        raise _refuse(queue, BlockRule.STATUS, chain.head,
-                      f"request {chain.head} has no status byte")
-    offset = chain.writable_len - 1
-    return slice_buffers(chain.writable, offset, offset + 1)[0]
-
-
-def _header(chain, memory, queue):
-    """(type, sector) from the 16-byte header, which may be split over
-    several readable buffers: a device must not assume how a request is
-    laid out in descriptors (2.7.4.1)."""
-    if chain.readable_len < HEADER.size:
-        raise _refuse(queue, BlockRule.HEADER, chain.head,
-                      f"request {chain.head} has a {chain.readable_len}-byte header, "
-                      f"{HEADER.size} needed")
-    header = b"".join(memory.read(b.gpa, b.length)
-                      for b in slice_buffers(chain.readable, 0, HEADER.size))
-    type_, _ioprio, sector = HEADER.unpack(header)
-    return type_, sector
-
-
-def _request_type(code):
-    try:
-        return RequestType(code)
-    except ValueError:                    # a u32 is never UNSUPPORTED's -1
-        return RequestType.UNSUPPORTED
-
-
-def _fault(type_, sector, data_len, capacity):
-    """The rule an answerable request breaks, or None.  Python's integers
-    make the range check exact: a sector near 2^64 cannot wrap round."""
-    if type_ is RequestType.UNSUPPORTED:
-        return BlockRule.TYPE
-    if type_ in (RequestType.IN, RequestType.OUT):
-        if data_len % SECTOR_SIZE:
-            return BlockRule.LENGTH
-        if sector + data_len // SECTOR_SIZE > capacity:
-            return BlockRule.RANGE
-    return None
 
 
 class BlockDevice(VirtioDevice):
@@ -217,7 +130,12 @@ class BlockDevice(VirtioDevice):
             raise UsageError(f"--block {path}: {size} bytes is less than one {SECTOR_SIZE}-byte "
                              "sector (an unattached loop device, an empty file?)")
         self.capacity = size // SECTOR_SIZE          # in sectors; a partial last one is unused
-        self.requests_served = 0
+        # What blk.c is given: the disk, and the id GET_ID answers.
+        self._c = ffi.new("struct pyl_blk *")
+        self._c.fd, self._c.capacity, self._c.read_only = self.fd, self.capacity, read_only
+        ident = name.encode()[:VIRTIO_BLK_ID_BYTES]
+        ffi.memmove(self._c.id, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"), VIRTIO_BLK_ID_BYTES)
+        self._outcome = ffi.new("struct pyl_blk_outcome *")
 
     def device_features(self):
         features = (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_BLK_SIZE)
@@ -230,78 +148,40 @@ class BlockDevice(VirtioDevice):
         # geometry (u16 cylinders, u8 heads, u8 sectors), blk_size u32.
         return struct.pack("<QIIHBBI", self.capacity, 0, 0, 0, 0, 0, SECTOR_SIZE)
 
+    def activate(self, guest_features, rings):
+        super().activate(guest_features, rings)
+        self._c.abandon = self.abandon.c
+
     def process(self, index, vq):
-        # vq.name is the queue's label, made once when the queue was.
-        return self.drain(vq, lambda chain: self._serve(vq.name, chain))
-
-    def _serve(self, label, chain):
-        request = BlockRequest.parse(chain, self.memory, self.capacity, label)
-        status, written = self.execute(request)
-        if self.trace:
-            self.trace(f"req   {label}: {describe(request)} -> "
-                       f"{Status(status).name}")
-        self.memory.write(request.status.gpa, bytes([status]))
-        self.requests_served += 1
-        return written + 1
-
-    def execute(self, request):
-        """Do what a parsed request asks; return (status, bytes written into
-        guest buffers).  Every check of the request was parse()'s: here a
-        fault is only answered, and the rest is I/O."""
-        if request.fault is not None:
-            return ANSWERS[request.fault], 0
-        if request.type is RequestType.IN:
-            return self._read(request)
-        if request.type is RequestType.OUT:
-            return self._write(request)
-        if request.type is RequestType.FLUSH:
-            return self._flush()
-        return self._get_id(request)          # GET_ID: the last type parse() lets through
-
-    def _read(self, request):
-        done = self._transfer(os.preadv, request)
-        if done != request.data_len:
-            return Status.IOERR, done
-        return Status.OK, done
-
-    def _write(self, request):
-        if self.read_only:                    # 5.2.6.2: IOERR, and no data written
-            return Status.IOERR, 0
-        done = self._transfer(os.pwritev, request)
-        return (Status.OK if done == request.data_len else Status.IOERR), 0
-
-    def _transfer(self, call, request):
-        """preadv/pwritev the request's data, IO_CHUNK bytes at a time,
-        until every byte moved, EOF, or an error; the count.  Between the
-        calls, a waiting reset or stop abandons the request."""
-        done, offset = 0, request.sector * SECTOR_SIZE
-        for views in _batches(self.memory, request.data):
-            self.check_abandoned()
-            moved = _move(call, self.fd, views, offset + done)
-            done += moved
-            if moved < sum(len(v) for v in views):
-                break                         # EOF or an error: the rest fails too
-        return done
-
-    def _flush(self):
-        if self.read_only:
-            return Status.OK, 0
-        try:
-            os.fdatasync(self.fd)
-        except OSError:
-            return Status.IOERR, 0
-        return Status.OK, 0
-
-    def _get_id(self, request):
-        ident = self.name.encode()[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-        written = 0
-        for buf in request.data:
-            chunk = ident[written:written + buf.length]
-            if not chunk:
+        """Drain the ring in C; with --trace, one request per call, so each
+        is traced as it is answered."""
+        limit = 1 if self.trace else 0
+        out = self._outcome
+        pushed = False
+        while True:
+            lib.pyl_blk_drain(vq.c, vq.c_chain, self._c, limit, out)
+            pushed = pushed or out.pushed > 0
+            if out.pushed and self.trace:
+                self.trace(f"req   {vq.name}: {describe(out.last)} -> "
+                           f"{Status(out.last.status).name}")
+            if out.stop != lib.PYL_BLK_LIMIT:
                 break
-            self.memory.write(buf.gpa, chunk)
-            written += len(chunk)
-        return Status.OK, written
+        if out.stop == lib.PYL_BLK_RING_FAULT:
+            raise vq._error()
+        if out.stop == lib.PYL_BLK_REQUEST_FAULT:
+            raise _request_error(vq.name, out)
+        if out.stop == lib.PYL_BLK_ABANDONED:
+            raise RequestAbandoned(self.name)
+        return pushed
+
+    @property
+    def requests_served(self):
+        return self._c.requests
+
+    @property
+    def io_counts(self):
+        """(preadv/pwritev calls, the most bytes one asked for, fdatasyncs)."""
+        return self._c.syscalls, self._c.largest_syscall, self._c.flushes
 
     def close(self, timeout=5.0):
         if self.fd >= 0:
@@ -316,44 +196,25 @@ REQUEST_NAMES = {RequestType.IN: "read", RequestType.OUT: "write",
 
 def describe(request):
     """A request in words, for --trace: "read 4096 bytes at sector 8"."""
-    name = REQUEST_NAMES.get(request.type, f"type {request.code}")
-    if request.type in (RequestType.IN, RequestType.OUT):
+    type_ = _request_type(request.type)
+    name = REQUEST_NAMES.get(type_, f"type {request.type}")
+    if type_ in (RequestType.IN, RequestType.OUT):
         return f"{name} {request.data_len} bytes at sector {request.sector}"
     return name
 
 
-def _batches(memory, buffers):
-    """The buffers as lists of numpy views, each list at most IO_CHUNK
-    bytes and IOV_MAX views: one system call's worth.  A buffer longer
-    than what is left of a batch is cut, and goes on in the next."""
-    batch, size = [], 0
-    for buf in buffers:
-        at, left = buf.gpa, buf.length
-        while left:
-            n = min(left, IO_CHUNK - size)
-            batch.append(memory.view(at, n))
-            size, at, left = size + n, at + n, left - n
-            if size == IO_CHUNK or len(batch) == IOV_MAX:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+def _request_type(code):
+    try:
+        return RequestType(code)
+    except ValueError:                    # a u32 is never UNSUPPORTED's -1
+        return RequestType.UNSUPPORTED
 
 
-def _move(call, fd, views, offset):
-    """One batch: preadv/pwritev until every byte moved, EOF, or an error."""
-    done, total = 0, sum(len(v) for v in views)
-    while views:
-        try:
-            n = call(fd, views, offset + done)
-        except OSError:
-            return done
-        if n <= 0:
-            return done
-        done += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:]] + views[1:]
-    return min(done, total)
+def _request_error(queue, out):
+    """The BlockRequestError for a request blk.c could not answer."""
+    head = out.head
+    if out.rule == lib.PYL_BLK_RULE_STATUS:
+        return BlockRequestError(f"{queue}: request {head} has no status byte", head,
+                                 rule=BlockRule.STATUS, queue=queue)
+    return BlockRequestError(f"{queue}: request {head} has a {out.readable_len}-byte header, "
+                             f"{HEADER.size} needed", head, rule=BlockRule.HEADER, queue=queue)

@@ -9,7 +9,9 @@ The tap is opened with IFF_VNET_HDR, which makes the kernel put exactly that
 header in front of every frame it gives us and expect it in front of every
 frame we give it; so a transmit chain goes to the tap with one writev and a
 received frame lands in the guest's buffers with one readv, straight into
-guest memory, header included.
+guest memory, header included.  Both loops are C (csrc/net.c), called with
+the GIL released once per kick or per wakeup; what stays here is the
+policy: when to watch the tap, and what a broken rule means.
 
 Receiving needs a thread of its own: frames arrive when the outside world
 sends them, not when the guest kicks.  When the guest has no buffers posted
@@ -35,12 +37,13 @@ import select
 import struct
 import threading
 
+from pylguest import _dataplane
 from pylguest._kvm import lib
-from pylguest.errors import UsageError
+from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import oserror_text
-from pylguest.virtio.device import VirtioDevice
-from pylguest.errors import GuestError, Rule
-from pylguest.virtio.queue import slice_buffers
+from pylguest.virtio.device import RequestAbandoned, VirtioDevice
+
+dataplane = _dataplane.lib
 
 class NetRule(Rule):
     """The net device's own rules (virtio 5.1.6); the names are the ring
@@ -60,7 +63,7 @@ VNET_HDR_SIZE = 10                  # legacy struct virtio_net_hdr, no MRG_RXBUF
 # A frame as the device sees it: the header, then an ethernet frame of up
 # to a 65535-byte packet behind a 14-byte header and a 4-byte VLAN tag.
 MAX_FRAME = VNET_HDR_SIZE + 14 + 4 + 65535
-IOV_MAX = os.sysconf("SC_IOV_MAX")
+assert (VNET_HDR_SIZE, MAX_FRAME) == (dataplane.PYL_VNET_HDR_SIZE, dataplane.PYL_MAX_FRAME)
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256
 
@@ -110,11 +113,15 @@ class NetDevice(VirtioDevice):
         self.tap_name = tap_name
         self.mac = mac
         self.tap = open_tap(tap_name) if tap_fd is None else tap_fd
-        self.frames_sent = self.frames_received = self.frames_dropped = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
         self._starved = True          # no receive buffers we know of: don't read the tap
-        self._bounce = None           # MAX_FRAME bytes, made the first time one is needed
+        # What net.c is given: the tap, and one bounce buffer for a frame
+        # scattered over more than IOV_MAX buffers.
+        self._bounce = _dataplane.ffi.new("uint8_t[]", MAX_FRAME)
+        self._c = _dataplane.ffi.new("struct pyl_net *")
+        self._c.tap, self._c.bounce = self.tap, self._bounce
+        self._outcome = _dataplane.ffi.new("struct pyl_net_outcome *")
         self._rx_thread = threading.Thread(target=self._receive_loop, daemon=True,
                                            name=f"pylguest {name}/tap")
 
@@ -129,6 +136,7 @@ class NetDevice(VirtioDevice):
 
     def activate(self, guest_features, rings):
         super().activate(guest_features, rings)
+        self._c.abandon = self.abandon.c
         if self.active:
             self._set_starved(False)  # look at the receive ring, and the tap
 
@@ -136,79 +144,54 @@ class NetDevice(VirtioDevice):
         super().reset()
         self._starved = True
 
+    frames_sent = property(lambda self: self._c.sent)
+    frames_dropped = property(lambda self: self._c.dropped)
+    frames_received = property(lambda self: self._c.received)
+
     def process(self, index, vq):
+        out = self._outcome
         if index == TRANSMITQ:
-            return self.drain(vq, self._send)
-        return self._receive(vq)
-
-    # -- transmit: the guest kicked transmitq ------------------------------------
-
-    def _send(self, chain):
-        if not VNET_HDR_SIZE <= chain.readable_len <= MAX_FRAME:
-            queue = self.queue_label(TRANSMITQ)
-            raise NetRequestError(
-                f"{queue}: the frame from head {chain.head} is "
-                f"{chain.readable_len} bytes; with its {VNET_HDR_SIZE}-byte virtio_net_hdr "
-                f"a frame is {VNET_HDR_SIZE} to {MAX_FRAME} (virtio 5.1.6)", chain.head,
-                rule=NetRule.FRAME, queue=queue)
-        if len(chain.readable) <= IOV_MAX:
-            frame = chain.readable_views(self.memory)
+            dataplane.pyl_net_transmit(vq.c, vq.c_chain, self._c, out)
         else:
-            frame = [b"".join(chain.readable_pieces(self.memory, MAX_FRAME))]
-        try:
-            os.writev(self.tap, frame)
-            self.frames_sent += 1
-        except OSError:
-            self.frames_dropped += 1      # like a NIC whose link is down: dropped
-        return 0                          # nothing written into the chain
+            dataplane.pyl_net_receive(vq.c, vq.c_chain, self._c, out)
+            self._report_read_error()
+            # Starved: no buffers until a kick of receiveq.  Otherwise the
+            # tap is empty, not the ring (or we do not know it is): watch
+            # the tap again; after a kick this is what ends a starvation.
+            self._set_starved(out.stop == dataplane.PYL_NET_STARVED)
+        if out.stop == dataplane.PYL_NET_RING_FAULT:
+            raise vq._error()
+        if out.stop == dataplane.PYL_NET_FRAME_FAULT:
+            raise self._frame_error(out)
+        if out.stop == dataplane.PYL_NET_ROOM_FAULT:
+            raise self._room_error(out)
+        if out.stop == dataplane.PYL_NET_ABANDONED:
+            raise RequestAbandoned(self.name)
+        return out.pushed > 0
 
-    # -- receive: the tap has a frame, or the guest posted buffers ---------------
+    def _frame_error(self, out):
+        queue = self.queue_label(TRANSMITQ)
+        return NetRequestError(
+            f"{queue}: the frame from head {out.head} is "
+            f"{out.len} bytes; with its {VNET_HDR_SIZE}-byte virtio_net_hdr "
+            f"a frame is {VNET_HDR_SIZE} to {MAX_FRAME} (virtio 5.1.6)", out.head,
+            rule=NetRule.FRAME, queue=queue)
 
-    def _receive(self, vq):
-        """Move frames from the tap into posted buffers, while there are both."""
-        pushed = False
-        # Only one thread at a time gets here (the device's lock), and only
-        # here is the tap read: a frame seen is still there when we read it,
-        # so no chain is popped in vain.
-        while self._tap_has_frame():
-            chain = vq.pop_with_notify()
-            if chain is None:
-                self._set_starved(True)   # until a kick of receiveq
-                return pushed
-            self.check_abandoned()
-            vq.push(chain, self._read_frame(chain))
-            pushed = True
-        # The tap is empty, not the ring (or we do not know it is): watch the
-        # tap again.  After a kick this is what ends a starvation.
-        self._set_starved(False)
-        return pushed
+    def _room_error(self, out):
+        queue = self.queue_label(RECEIVEQ)
+        return NetRequestError(
+            f"{queue}: the buffer from head {out.head} has "
+            f"{out.len} writable bytes, less than the {VNET_HDR_SIZE}-byte "
+            "virtio_net_hdr every frame starts with (virtio 5.1.6)", out.head,
+            rule=NetRule.ROOM, queue=queue)
 
-    def _read_frame(self, chain):
-        """One frame from the tap into the chain's writable buffers; the bytes
-        written (a frame longer than the room is cut, as a tap cuts it)."""
-        if chain.writable_len < VNET_HDR_SIZE:
-            queue = self.queue_label(RECEIVEQ)
-            raise NetRequestError(
-                f"{queue}: the buffer from head {chain.head} has "
-                f"{chain.writable_len} writable bytes, less than the {VNET_HDR_SIZE}-byte "
-                "virtio_net_hdr every frame starts with (virtio 5.1.6)", chain.head,
-                rule=NetRule.ROOM, queue=queue)
-        room = slice_buffers(chain.writable, 0, MAX_FRAME)
-        try:
-            if len(room) <= IOV_MAX:
-                received = os.readv(self.tap, [self.memory.view(b.gpa, b.length) for b in room])
-            else:
-                if self._bounce is None:
-                    self._bounce = bytearray(MAX_FRAME)
-                n = os.readv(self.tap, [self._bounce])
-                received = chain.write(self.memory, memoryview(self._bounce)[:n])
-        except OSError as e:
-            # The buffer goes back empty; the guest's driver counts it as
-            # an rx error, as for a bad frame.
-            self.report(f"{self.name}: reading tap {self.tap_name} failed: {oserror_text(e)}")
-            received = 0
-        self.frames_received += received > 0
-        return received
+    def _report_read_error(self):
+        # The buffer went back empty; the guest's driver counts it as an
+        # rx error, as for a bad frame.  We say why, once per batch.
+        if self._c.read_errno:
+            err, self._c.read_errno = self._c.read_errno, 0
+            self.report(f"{self.name}: reading tap {self.tap_name} failed: "
+                        f"{oserror_text(OSError(err, os.strerror(err)))}")
 
     def _set_starved(self, starved):
         was, self._starved = self._starved, starved
@@ -240,9 +223,6 @@ class NetDevice(VirtioDevice):
                 pass
         except BlockingIOError:
             pass
-
-    def _tap_has_frame(self):
-        return bool(select.select([self.tap], [], [], 0)[0])
 
     def close(self, timeout=5.0):
         """Stop the receive thread; True (and the fds closed) once it ended."""

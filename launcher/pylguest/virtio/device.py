@@ -45,6 +45,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from pylguest._dataplane import ffi
 from pylguest.errors import GuestError
 from pylguest.memory import GuestMemory
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -62,6 +63,25 @@ RING_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_I
 
 class RequestAbandoned(Exception):
     """The device is being reset or closed: drop the request in flight."""
+
+
+class AbandonFlag:
+    """"Drop what you are doing": set by a reset or close that waits for the
+    device's lock, read between pieces of I/O by Python backends
+    (is_set) and by the C request loops (`c`, an int they poll).  A plain
+    int is enough for them: one store, read by the loop a moment later."""
+
+    def __init__(self):
+        self.c = ffi.new("int *")
+
+    def set(self):
+        self.c[0] = 1
+
+    def clear(self):
+        self.c[0] = 0
+
+    def is_set(self):
+        return bool(self.c[0])
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,7 @@ class VirtioDevice(abc.ABC):
         # workers (kicks) and input threads all reach the same queues.
         self.lock = threading.RLock()
         # Set while a reset or close waits for the lock: work in flight stops.
-        self.abandon = threading.Event()
+        self.abandon = AbandonFlag()
 
     # -- what the device offers ------------------------------------------------
 

@@ -11,10 +11,15 @@ the point: the device must survive them.  No /dev/kvm is involved; any
 import numpy as np
 
 from pylguest.virtio.queue import (
-    DESC_DTYPE, DESC_SIZE, USED_ELEM_DTYPE, VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_addresses, vring_size)
+    DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    vring_addresses, vring_size)
 
 U16 = 0xFFFF
+# The ring's entries as the driver writes them (2.7.5, 2.7.8), as numpy dtypes.
+DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"),
+                       ("flags", "<u2"), ("next", "<u2")])
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+assert DESC_DTYPE.itemsize == DESC_SIZE and USED_ELEM_DTYPE.itemsize == 8
 
 
 class RingBuilder:
