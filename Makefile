@@ -61,6 +61,9 @@ bench: install guests
 	$(PYTHON) bench/exit_roundtrip.py
 	$(PYTHON) bench/hello_cost.py
 	$(PYTHON) bench/block_throughput.py
+	$(PYTHON) bench/block_throughput.py --o-direct --random-requests 16384
+	$(PYTHON) bench/net_throughput.py
+	$(PYTHON) bench/disk_parallelism.py
 
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:

@@ -1,100 +1,228 @@
-"""Block backend throughput: 64 KiB sequential reads through the ring,
-against plain preadv on the same file.
+"""Block backend throughput: four request shapes through the ring, each
+against plain preadv/pwritev on the same file.
 
-The guest side is played by virtio.testing.RingBuilder (guest kernel code
-is emulated on some of our machines, far too slow to drive a disk), so
-this measures exactly the launcher's share of a request: pop and validate
-the chain, parse the request, preadv into guest memory, push, decide on an
-interrupt (the time the stand-in driver spends filling the ring is not
-counted).  The file is read once first so both runs come from the page
-cache: the figures compare per-request overhead, not the disk.
+The shapes: 64 KiB sequential reads, 4 KiB random reads, 64 KiB
+sequential writes, 4 KiB random writes.  Both sides issue the same
+requests (the same offsets, in the same order; random offsets come from a
+fixed seed) to the same file: plain side with os.preadv/os.pwritev and one
+buffer, ring side through a BlockDevice, with virtio.testing.RingBuilder
+playing the guest driver (guest kernel code is emulated on some of our
+machines, far too slow to drive a disk).  The stand-in driver fills the
+ring with up to NUM // 3 requests (three descriptors each: header, data,
+status) and then calls service() once; only service() is timed: pop and
+validate the chains, parse the requests, preadv/pwritev straight into or
+out of guest memory, push, decide on an interrupt.  Filling the ring is
+not counted.
 
-    python bench/block_throughput.py [--size-mib 256] [--request-kib 64]
+By default the file is read once first, so reads come from the page cache
+and writes go to it: the figures compare per-request overhead, not the
+disk.  Before each write run, untimed, the file is synced and dropped from
+the cache (settle(): why, there), so every write run starts the same way.  --o-direct opens the file with O_DIRECT on both sides (the
+plain buffer is an mmap and the guest buffers are page aligned, as
+O_DIRECT needs), which measures the disk instead.
+
+    python bench/block_throughput.py [--size-mib 256] [--random-requests 32768]
+                                     [--o-direct] [--shapes seq-read,rand-read,...]
 """
 
 import argparse
+import fcntl
+import mmap
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN
+from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.testing import RingBuilder
 
-QUEUE_PFN = 0x10                  # ring at 64 KiB; buffers above it
-NUM = 128
+QUEUE_PFN = 0x10                  # ring at 64 KiB; headers, statuses, data above it
+NUM = 128                         # the block device's queue size
+BATCH = NUM // 3                  # requests per service(): 3 descriptors each
+SEED = 9
+
+# name: (write?, KiB per request, random?)
+SHAPES = {"seq-read": (False, 64, False), "rand-read": (False, 4, True),
+          "seq-write": (True, 64, False), "rand-write": (True, 4, True)}
+LABELS = {"seq-read": "64 KiB sequential read", "rand-read": "4 KiB random read",
+          "seq-write": "64 KiB sequential write", "rand-write": "4 KiB random write"}
 
 
-def plain_preadv(fd, size, request):
-    buffer = np.zeros(request, dtype=np.uint8)
+def offsets_for(shape, size, random_requests):
+    """The byte offsets of one run's requests: every request-sized block in
+    order, or `random_requests` blocks from a fixed seed."""
+    _, kib, rand = SHAPES[shape]
+    request = kib << 10
+    blocks = size // request
+    if not rand:
+        return np.arange(blocks, dtype=np.int64) * request
+    rng = np.random.default_rng(SEED)
+    return rng.integers(0, blocks, random_requests, dtype=np.int64) * request
+
+
+def pattern(length):
+    return ((np.arange(length, dtype=np.uint32) * 7 + 3) & 0xFF).astype(np.uint8)
+
+
+def plain(fd, write, request, offsets):
+    """The same requests with os.preadv/os.pwritev and one page-aligned buffer."""
+    buffer = mmap.mmap(-1, request)              # page aligned, for O_DIRECT
+    buffer[:] = pattern(request).tobytes()
+    call = os.pwritev if write else os.preadv
+    moved = 0
     start = time.perf_counter()
-    for offset in range(0, size, request):
-        os.preadv(fd, [buffer], offset)
-    return time.perf_counter() - start
+    for offset in offsets.tolist():
+        moved += call(fd, [buffer], offset)
+    elapsed = time.perf_counter() - start
+    buffer.close()
+    return elapsed, moved
 
 
-def through_the_ring(path, size, request):
+def through_the_ring(path, write, request, offsets, o_direct):
     memory = GuestMemory([Region(0, 64 << 20, 0)])
     device = BlockDevice("block0", path)
-    interrupts = []
-    device.attach(DeviceContext(memory=memory, interrupt=lambda: interrupts.append(1),
-                                report=print))
+    if o_direct:
+        # The device opened the image itself; O_DIRECT is one of the flags
+        # F_SETFL may change on an open file.
+        flags = fcntl.fcntl(device.fd, fcntl.F_GETFL)
+        fcntl.fcntl(device.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        assert fcntl.fcntl(device.fd, fcntl.F_GETFL) & os.O_DIRECT
+    device.attach(DeviceContext(memory=memory, interrupt=lambda: None, report=print))
     ring = RingBuilder(memory, NUM, QUEUE_PFN)
     device.activate(0, [(NUM, QUEUE_PFN)])
-    # One request's buffers per ring slot, reused as the ring goes round,
-    # as a driver with a fixed pool would.
-    slots = []
-    for _ in range(NUM // 4):
-        header = ring.alloc(HEADER.size)
-        data = ring.alloc(request)
-        status = ring.alloc(1)
-        slots.append((header, data, status))
-    batch = len(slots)
+    # One request's buffers per slot, reused as the ring goes round, as a
+    # driver with a fixed pool would.  Data buffers page aligned (O_DIRECT),
+    # the status bytes side by side so one view checks a whole batch.
+    headers = [ring.alloc(HEADER.size) for _ in range(BATCH)]
+    statuses = ring.alloc(BATCH)
+    status_view = memory.view(statuses, BATCH)
+    data_base = (ring.alloc(BATCH * request + 4096) + 4095) & ~4095
+    data = [data_base + i * request for i in range(BATCH)]
+    if write:
+        memory.view(data_base, BATCH * request)[:] = np.tile(pattern(request), BATCH)
+    kind = VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN
     elapsed = 0.0                 # only the device's work: service()
-    sector, requests = 0, size // request
-    done = 0
-    while done < requests:
-        n = min(batch, requests - done)
+    served = 0
+    offsets = offsets.tolist()
+    for first in range(0, len(offsets), BATCH):
+        batch = offsets[first:first + BATCH]
         ring.next_free = 0
-        for header, data, status in slots[:n]:
-            memory.write(header, HEADER.pack(VIRTIO_BLK_T_IN, 0, sector))
-            ring.add_chain([(header, HEADER.size, False), (data, request, True),
-                            (status, 1, True)])
-            sector += request // 512
+        status_view[:] = 0xFF
+        for header, buf, offset, i in zip(headers, data, batch, range(BATCH)):
+            memory.write(header, HEADER.pack(kind, 0, offset // 512))
+            ring.add_chain([(header, HEADER.size, False), (buf, request, not write),
+                            (statuses + i, 1, True)])
         start = time.perf_counter()
         device.service(0)
         elapsed += time.perf_counter() - start
-        done += n
-    assert ring.used_idx == requests & 0xFFFF and not device.broken
+        assert not status_view[:len(batch)].any(), "a request failed"   # 0 is S_OK
+        served += len(batch)
+    assert ring.used_idx == len(offsets) & 0xFFFF and not device.broken, device.broken
+    moved = served * request
+    del status_view
     device.close()
     memory.close()
-    return elapsed
+    return elapsed, moved
+
+
+def settle(fd):
+    """Before a write run, untimed: no dirty pages carried over from the
+    last, and none of the file cached.  A 4 KiB buffered write into a page
+    that readahead brought in (a large folio, on ext4 with kernel 6.18)
+    costs tens of microseconds and dirties the whole folio.  A write into
+    a page that is not cached costs a few, so every write run starts from
+    an empty cache.  (With O_DIRECT nothing is cached, and this only syncs.)"""
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fstype(path):
+    """The filesystem `path` is on, from /proc/self/mounts (longest match)."""
+    best, kind = "", "?"
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mount, fs = line.split()[:3]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                best, kind = mount, fs
+    return kind
+
+
+def make_file(directory, size):
+    f = tempfile.NamedTemporaryFile(dir=directory, prefix="pylguest-bench-")
+    rng = np.random.default_rng(1)
+    chunk = 16 << 20
+    for at in range(0, size, chunk):
+        f.write(rng.integers(0, 256, min(chunk, size - at), dtype=np.uint8).tobytes())
+    f.flush()
+    os.fsync(f.fileno())
+    return f
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--request-kib", type=int, default=64)
+    parser.add_argument("--random-requests", type=int, default=32768,
+                        help="requests per run of a random shape (sequential: the whole file)")
+    parser.add_argument("--o-direct", action="store_true",
+                        help="open the file with O_DIRECT on both sides: the disk, not the cache")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated, from: " + ", ".join(SHAPES))
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best counts")
+    parser.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
+                        help="where the temporary file goes (a real disk, not tmpfs)")
     args = parser.parse_args()
-    size, request = args.size_mib << 20, args.request_kib << 10
-    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR", "/var/tmp")) as f:
-        f.write(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
-        f.flush()
-        fd = os.open(f.name, os.O_RDONLY)
-        plain_preadv(fd, size, request)                       # warm the page cache
-        plain = min(plain_preadv(fd, size, request) for _ in range(3))
-        ring = min(through_the_ring(f.name, size, request) for _ in range(3))
+    shapes = args.shapes.split(",")
+    size = args.size_mib << 20
+    with make_file(args.dir, size) as f:
+        flags = os.O_RDWR | (os.O_DIRECT if args.o_direct else 0)
+        fd = os.open(f.name, flags)
+        if not args.o_direct:
+            plain(fd, False, 64 << 10, offsets_for("seq-read", size, 0))   # warm the cache
+        rows = []
+        for shape in shapes:
+            write, kib, _ = SHAPES[shape]
+            request = kib << 10
+            offsets = offsets_for(shape, size, args.random_requests)
+            best_plain = best_ring = float("inf")
+            for _ in range(args.repeat):          # alternate, so load drift hits both
+                if write:
+                    settle(fd)
+                t, moved_plain = plain(fd, write, request, offsets)
+                best_plain = min(best_plain, t)
+                if write:
+                    settle(fd)
+                t, moved_ring = through_the_ring(f.name, write, request, offsets, args.o_direct)
+                best_ring = min(best_ring, t)
+            if write:
+                os.fdatasync(fd)
+            expected = len(offsets) * request
+            assert moved_plain == moved_ring == expected, (moved_plain, moved_ring, expected)
+            if write:                             # what the guest wrote is in the file
+                check = mmap.mmap(-1, request)
+                os.preadv(fd, [check], int(offsets[-1]))
+                assert check[:] == pattern(request).tobytes(), "written data not in the file"
+                check.close()
+            rows.append((shape, len(offsets), expected, best_plain, best_ring))
         os.close(fd)
-    mib = size / (1 << 20)
-    n = size // request
-    print(f"{mib:.0f} MiB in {request >> 10} KiB sequential reads ({n} requests), best of 3")
-    print(f"{'':24}{'MiB/s':>10}{'us/request':>12}")
-    print(f"{'plain preadv':24}{mib / plain:10.0f}{plain / n * 1e6:12.1f}")
-    print(f"{'block device via ring':24}{mib / ring:10.0f}{ring / n * 1e6:12.1f}")
-    print(f"ring / preadv throughput: {plain / ring:.2f}")
+        where = f"{args.dir} ({fstype(f.name)})"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    mode = "O_DIRECT (the disk)" if args.o_direct else "page cache (warm)"
+    print(f"block device vs plain preadv/pwritev: {args.size_mib} MiB file in {where}, {mode}")
+    print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
+    print(f"ring: up to {BATCH} requests per service() call (queue of {NUM}); "
+          f"only service() timed; best of {args.repeat}")
+    print(f"{'':26}{'requests':>9}{'MiB/s':>9}{'MiB/s':>9}{'us/req':>9}{'us/req':>9}"
+          f"{'ring/':>8}")
+    print(f"{'':26}{'':>9}{'plain':>9}{'ring':>9}{'plain':>9}{'ring':>9}{'plain':>8}")
+    for shape, n, moved, tp, tr in rows:
+        mib = moved / (1 << 20)
+        print(f"{LABELS[shape]:26}{n:9d}{mib / tp:9.0f}{mib / tr:9.0f}"
+              f"{tp / n * 1e6:9.1f}{tr / n * 1e6:9.1f}{tp / tr:8.2f}")
+    print("ring/plain: throughput through the ring over plain throughput (1.00: no overhead)")
 
 
 if __name__ == "__main__":
