@@ -41,8 +41,6 @@ nothing here locks.
 import threading
 from dataclasses import dataclass
 
-import numpy as np
-
 from pylguest.errors import GuestError, Rule
 
 # --- Constants of the ring format (Linux include/uapi/linux/virtio_ring.h).
@@ -61,10 +59,10 @@ VIRTIO_RING_F_INDIRECT_DESC = 28  # feature bits, for the device code
 VIRTIO_RING_F_EVENT_IDX = 29
 
 DESC_SIZE = 16
-DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"),
-                       ("flags", "<u2"), ("next", "<u2")])
-USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
-assert DESC_DTYPE.itemsize == DESC_SIZE and USED_ELEM_DTYPE.itemsize == 8
+# numpy dtype specs, for memory.array(): plain lists, so that importing this
+# module does not import numpy (a guest that never starts a queue needs none).
+DESC_DTYPE = [("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")]
+USED_ELEM_DTYPE = [("id", "<u4"), ("len", "<u4")]
 
 U16 = 0xFFFF
 U32_MAX = 0xFFFFFFFF
@@ -220,7 +218,7 @@ class DescriptorChain:
             n = min(buf.length, len(data) - done)
             if n == 0:
                 break
-            memory.view(buf.gpa, n)[:] = np.frombuffer(data[done:done + n], np.uint8)
+            memory.write(buf.gpa, data[done:done + n])
             done += n
         return done
 
