@@ -32,6 +32,17 @@ def test_read_write_round_trip(memory):
     assert memory.read_int(0x2000, 4) == 0x55667788
 
 
+def test_write_takes_any_bytes_like_object_and_zero_clears(memory):
+    memory.write(0x1000, bytearray(b"ab"))
+    memory.write(0x1002, memoryview(b"cd"))
+    memory.write(0x1004, np.array([0x6665], dtype="<u2"))
+    assert memory.read(0x1000, 6) == b"abcdef"
+    memory.zero(0x1001, 4)
+    assert memory.read(0x1000, 6) == b"a\0\0\0\0f"
+    with pytest.raises(GuestMemoryError):
+        memory.zero(16 * MiB, 8192)           # runs past the end
+
+
 def test_numpy_views_share_the_bytes(memory):
     ring = memory.array(0x3000, np.uint16, 4)
     ring[:] = [1, 2, 3, 0xFFFF]

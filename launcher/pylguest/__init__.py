@@ -7,6 +7,13 @@ boot/ (loading a kernel), machine.py (the run loop), uart.py, hypercall.py.
 For scripted boots, `pylguest.Guest` runs a guest and talks to its console.
 """
 
-from pylguest.guest import Guest, GuestTimeout
-
 __all__ = ["Guest", "GuestTimeout"]
+
+
+def __getattr__(name):
+    # On first use, not at import: guest.py brings subprocess, which
+    # `python -m pylguest run` (this package's own command line) never needs.
+    if name in __all__:
+        from pylguest import guest
+        return getattr(guest, name)
+    raise AttributeError(f"module 'pylguest' has no attribute {name!r}")

@@ -51,8 +51,34 @@ def parse_timeout(text):
     return seconds
 
 
+def _terminal_columns():
+    """shutil.get_terminal_size().columns, without importing shutil."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout.  argparse's own formatter imports shutil
+    (and with it bz2, lzma and zlib) for the terminal's width, and builds
+    one for every add_argument(), so every run paid for it."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("width", _terminal_columns() - 2)   # as argparse does
+        super().__init__(prog, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")

@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 
 from pylguest import layout, stop
 from pylguest.boot import cmdline, loader
-from pylguest.boot.command import command_archive
 from pylguest.boot.e820 import build_e820
-from pylguest.boot.initrd import append_archive, decompress_initrd, is_initramfs
 from pylguest.boot.setup import BootSetup, encode_cmdline, set_entry_state, write_boot_memory
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.options import create_devices
@@ -173,6 +171,9 @@ class Machine:
                 raise UsageError("a command (-- CMD) needs --initrd: pylguest's initramfs "
                                  "runs it (make linux builds one)")
             return None
+        # Imported here, not at the top: a run without --initrd needs neither.
+        from pylguest.boot.command import command_archive
+        from pylguest.boot.initrd import append_archive, decompress_initrd, is_initramfs
         initramfs = is_initramfs(image)
         if initramfs and self._host_decompress():
             unpacked = decompress_initrd(image, config.initrd)

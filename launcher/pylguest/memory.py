@@ -5,21 +5,25 @@ single anonymous shared mapping, registered with KVM as one or two memory
 slots (two when RAM reaches above 3 GiB: the part above goes above 4 GiB, so
 the 32-bit MMIO hole stays free, docs/abi.md section 2).
 
-Every guest-physical access the launcher makes goes through `GuestMemory`:
-`view(gpa, length)` is the one checked accessor (lguest's check_pointer):
-the whole range [gpa, gpa+length) must lie inside one region of guest
-memory, with no wraparound, or GuestMemoryError is raised.  Checking only
-the first byte is the classic hole; we check the last one too.
+Every guest-physical access the launcher makes goes through `GuestMemory`,
+and every accessor (view, array, read, write, zero) checks its range the
+same way (`_offset`, lguest's check_pointer): the whole range
+[gpa, gpa+length) must lie inside one region of guest memory, with no
+wraparound, or GuestMemoryError is raised.  Checking only the first byte
+is the classic hole; we check the last one too.
 
 Device code gets numpy views (`array(gpa, dtype, count)`) over the same
 bytes, so rings and buffers are read and written in place, without copies.
+numpy is imported on the first such view, not before: the loaders and the
+device page go through the plain byte accessors (read, write, zero), so a
+guest that never uses a device never pays numpy's import (about 60% of
+`import pylguest.machine` when this module imported it at the top).
 """
 
 import mmap
 from dataclasses import dataclass
 
-import numpy as np
-
+from pylguest._kvm import ffi
 from pylguest.errors import GuestMemoryError
 
 PAGE_SIZE = 4096
@@ -64,8 +68,10 @@ class GuestMemory:
         # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
         self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
                               | getattr(mmap, "MAP_NORESERVE", 0))
-        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
-        self.host_address = self._bytes.ctypes.data
+        self._bytes = None              # the numpy uint8 array, on first use
+        address = ffi.from_buffer(self._map)
+        self.host_address = int(ffi.cast("uintptr_t", address))
+        ffi.release(address)            # no export left: close() can unmap
 
     def close(self):
         self._bytes = None
@@ -96,21 +102,35 @@ class GuestMemory:
     def view(self, gpa, length):
         """A writable numpy uint8 view of [gpa, gpa+length): the checked accessor."""
         offset = self._offset(gpa, length)
+        if self._bytes is None:
+            # Imported here, not at the top: see the module docstring.
+            import numpy as np
+            self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         return self._bytes[offset:offset + length]
 
     def array(self, gpa, dtype, count):
         """A numpy array of `count` items of `dtype` living at `gpa`."""
+        # Imported here, not at the top: see the module docstring.
+        import numpy as np
         dtype = np.dtype(dtype)
         return self.view(gpa, dtype.itemsize * count).view(dtype)
 
     def read(self, gpa, length):
-        return self.view(gpa, length).tobytes()
+        offset = self._offset(gpa, length)
+        return self._map[offset:offset + length]
 
     def write(self, gpa, data):
-        self.view(gpa, len(data))[:] = np.frombuffer(bytes(data), dtype=np.uint8)
+        """Copy `data` (any bytes-like object) to guest memory at `gpa`."""
+        data = memoryview(data).cast("B")
+        offset = self._offset(gpa, len(data))
+        self._map[offset:offset + len(data)] = data
+
+    def zero(self, gpa, length):
+        """Zero [gpa, gpa+length): an ELF segment's bss, the device page."""
+        self.write(gpa, bytes(length))
 
     def read_int(self, gpa, size):
-        return int.from_bytes(self.view(gpa, size).tobytes(), "little")
+        return int.from_bytes(self.read(gpa, size), "little")
 
     def write_int(self, gpa, size, value):
         self.write(gpa, value.to_bytes(size, "little"))

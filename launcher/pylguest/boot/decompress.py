@@ -28,12 +28,12 @@ A payload is untrusted input: a few KiB of crafted data can claim to
 expand to terabytes.  Every decoder is therefore asked for at most
 MAX_OUTPUT bytes, and every failure becomes a BootError naming the file
 and the format, never a zlib or lzma exception.
+
+Each decoder's module is imported when a stream in its format comes, not
+before: most boots need one format, or none.
 """
 
-import bz2
-import lzma
 import struct
-import zlib
 
 from pylguest.errors import BootError
 
@@ -116,12 +116,13 @@ def _corrupt(name: str, fmt: str, error: Exception) -> BootError:
     return BootError(f"{name}: the {fmt} payload is corrupt: {error}")
 
 
-def _run_stdlib(decoder, payload: bytes, name: str, fmt: str):
+def _run_stdlib(decoder, error, payload: bytes, name: str, fmt: str):
     """zlib, bz2 and lzma decoders share one interface: decompress(data,
-    max_length), then eof and unused_data."""
+    max_length), then eof and unused_data.  `error` is the module's own
+    exception (bz2 raises OSError)."""
     try:
         output = decoder.decompress(payload, MAX_OUTPUT + 1)
-    except (zlib.error, OSError, lzma.LZMAError, EOFError) as e:
+    except (error, OSError, EOFError) as e:
         raise _corrupt(name, fmt, e) from None
     if len(output) > MAX_OUTPUT:
         raise _too_big(name, fmt)
@@ -131,20 +132,25 @@ def _run_stdlib(decoder, payload: bytes, name: str, fmt: str):
 
 
 def _gzip(payload, name):
+    import zlib       # lazily, as every decoder: see the module docstring
     # wbits=31: a gzip header and trailer around deflate data (16 + 15).
-    return _run_stdlib(zlib.decompressobj(wbits=31), payload, name, "gzip")
+    return _run_stdlib(zlib.decompressobj(wbits=31), zlib.error, payload, name, "gzip")
 
 
 def _bzip2(payload, name):
-    return _run_stdlib(bz2.BZ2Decompressor(), payload, name, "bzip2")
+    import bz2
+    return _run_stdlib(bz2.BZ2Decompressor(), OSError, payload, name, "bzip2")
 
 
 def _xz(payload, name):
-    return _run_stdlib(lzma.LZMADecompressor(lzma.FORMAT_XZ), payload, name, "xz")
+    import lzma
+    return _run_stdlib(lzma.LZMADecompressor(lzma.FORMAT_XZ), lzma.LZMAError, payload, name, "xz")
 
 
 def _lzma(payload, name):
-    return _run_stdlib(lzma.LZMADecompressor(lzma.FORMAT_ALONE), payload, name, "lzma")
+    import lzma
+    return _run_stdlib(lzma.LZMADecompressor(lzma.FORMAT_ALONE), lzma.LZMAError, payload,
+                       name, "lzma")
 
 
 def _zstd(payload, name):

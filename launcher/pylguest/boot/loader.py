@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 from pylguest import layout
 from pylguest.boot import bootparams
-from pylguest.boot.bzimage import ENTRY64_OFFSET, is_bzimage, parse_bzimage
-from pylguest.boot.decompress import decompress, detect_format
 from pylguest.boot.elf import is_elf, parse_elf64
 from pylguest.errors import BootError, GuestMemoryError
 
@@ -71,7 +69,7 @@ def _place(memory, ram_top, name, what, addr, data, memsz=None):
     try:
         memory.write(addr, data)
         if memsz > len(data):
-            memory.view(addr + len(data), memsz - len(data))[:] = 0
+            memory.zero(addr + len(data), memsz - len(data))
     except GuestMemoryError as e:
         raise BootError(f"{name}: {what}: {e}") from None
 
@@ -92,8 +90,10 @@ def load_elf(memory, ram_top, data, name, header=None, kind="ELF"):
 
 
 def load_bzimage(memory, ram_top, data, name, host_decompress):
+    from pylguest.boot.bzimage import ENTRY64_OFFSET, parse_bzimage   # see load_kernel()
     image = parse_bzimage(data, name)
     if host_decompress:
+        from pylguest.boot.decompress import decompress, detect_format   # see load_kernel()
         payload = image.payload
         fmt = detect_format(payload)
         vmlinux = decompress(payload, name)
@@ -115,10 +115,14 @@ def load_bzimage(memory, ram_top, data, name, host_decompress):
 
 
 def load_kernel(memory, ram_top, data, name, host_decompress):
-    if is_bzimage(data):
-        return load_bzimage(memory, ram_top, data, name, host_decompress)
+    # ELF first (no bzImage starts with the ELF magic), and the bzImage
+    # parser and the decompressors are imported only for a bzImage: an ELF
+    # kernel (vmlinux, the teaching guests) needs neither.
     if is_elf(data):
         return load_elf(memory, ram_top, data, name)
+    from pylguest.boot.bzimage import is_bzimage
+    if is_bzimage(data):
+        return load_bzimage(memory, ram_top, data, name, host_decompress)
     raise BootError(f"{name}: neither a bzImage nor an ELF64 kernel")
 
 

@@ -6,13 +6,13 @@
     --console stdio|socket:PATH   a virtio console (console0)
 
 Every mistake here is the user's, so it is a UsageError (one line, exit 2).
+
+The block, net and rng devices' modules and the socket console's are
+imported only when an option asks for one: a run without them never loads
+them (nor `socket`).
 """
 
-from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
-from pylguest.devices.net import NetDevice, parse_mac
-from pylguest.devices.rng import RngDevice
-from pylguest.hostconsole.socket_console import SocketConsole
 from pylguest.errors import UsageError
 
 
@@ -28,6 +28,7 @@ def parse_net(spec, index):
     kind, _, rest = spec.partition(":")
     if kind != "tap" or not rest:
         raise UsageError(f"bad --net {spec!r}: use tap:NAME[,mac=52:54:00:12:34:56]")
+    from pylguest.devices.net import parse_mac   # lazily: see the module docstring
     name, *options = rest.split(",")
     mac = bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
     for option in options:
@@ -50,23 +51,28 @@ def parse_console(spec):
 def create_devices(config, console_output):
     """The devices `config` asks for, in bus order, and the socket console
     backend (or None).  On error, whatever was opened is closed again."""
+    # The imports below are lazy: see the module docstring.
     devices, socket_console = [], None
     try:
         if config.console:
             path = parse_console(config.console)
             if path:
+                from pylguest.hostconsole.socket_console import SocketConsole
                 socket_console = SocketConsole(path)
                 output = socket_console.write
             else:
                 output = console_output.write
             devices.append(ConsoleDevice("console0", output))
         for i, spec in enumerate(config.block):
+            from pylguest.devices.block import BlockDevice
             path, read_only = parse_block(spec)
             devices.append(BlockDevice(f"block{i}", path, read_only))
         for i, spec in enumerate(config.net):
+            from pylguest.devices.net import NetDevice
             name, mac = parse_net(spec, i)
             devices.append(NetDevice(f"net{i}", name, mac))
         if config.rng:
+            from pylguest.devices.rng import RngDevice
             devices.append(RngDevice("rng0"))
     except Exception:
         for device in devices:

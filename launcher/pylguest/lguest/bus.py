@@ -127,8 +127,7 @@ class LguestBus:
         self.ram_top = ram_top
         self.report = report
         self.trace = trace
-        page = self.memory.view(self.ram_top, PAGE_SIZE)
-        page[:] = 0
+        self.memory.zero(self.ram_top, PAGE_SIZE)
         for device, slot in zip(self.devices, self.plan(self.ram_top)):
             entry = BusDevice(device, slot)
             self.entries.append(entry)

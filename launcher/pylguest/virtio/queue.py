@@ -173,7 +173,7 @@ class DescriptorChain:
             n = min(buf.length, len(data) - done)
             if n == 0:
                 break
-            memoryview(memory.view(buf.gpa, n))[:] = data[done:done + n]
+            memory.write(buf.gpa, data[done:done + n])
             done += n
         return done
 
