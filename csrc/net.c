@@ -99,9 +99,12 @@ static int tap_has_frame(int tap)
 	return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
 }
 
-/* One frame from the tap into the chain's writable buffers; the bytes
- * written (a frame longer than the room is cut, as a tap cuts it). */
-static uint64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
+/*
+ * One frame from the tap into the chain's writable buffers: the bytes
+ * written (a frame longer than the room is cut, as a tap cuts it), or -1
+ * if the tap had none after all.
+ */
+static int64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
 {
 	const struct pyl_buffer *room = chain->bufs + chain->nreadable;
 	uint64_t limit = chain->writable_len < PYL_MAX_FRAME ?
@@ -126,6 +129,8 @@ static uint64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
 		if (n > 0)
 			return pyl_chain_copy_in(chain, 0, net->bounce, n);
 	}
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return -1;
 	/* The buffer goes back empty; the guest's driver counts it as an
 	 * rx error, as for a bad frame.  Python reports read_errno. */
 	if (n < 0)
@@ -135,22 +140,45 @@ static uint64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
 
 /*
  * Move frames from the tap into posted receive buffers while there are
- * both.  Only one thread at a time gets here (the device's lock), and
- * only here is the tap read: a frame seen is still there when we read
- * it, so no chain is popped in vain.
+ * both.  Only one thread at a time gets here (the device's lock), and a
+ * buffer is taken only for a frame: we look at the next buffer (peek),
+ * read the non-blocking tap straight into it, and take it (consume) once
+ * a frame landed there; when the read finds the tap empty the buffer
+ * stays the guest's, untouched as far as it can tell.  That needs no
+ * poll() per frame, only one where there is no good buffer to try.
  */
 int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 		    struct pyl_net *net, struct pyl_net_outcome *out)
 {
 	out->pushed = 0;
-	while (tap_has_frame(net->tap)) {
-		uint64_t received;
-		int got = pyl_vq_pop_with_notify(vq, chain);
+	for (;;) {
+		int64_t received;
+		int got = pyl_vq_peek(vq, chain);
 
-		if (got < 0)
-			return out->stop = PYL_NET_RING_FAULT;
-		if (got == 0)
-			return out->stop = PYL_NET_STARVED;
+		if (got <= 0) {
+			/* No buffer, or a broken one: it matters only if a
+			 * frame is waiting for it. */
+			if (!tap_has_frame(net->tap))
+				return out->stop = PYL_NET_TAP_EMPTY;
+			got = pyl_vq_pop_with_notify(vq, chain);
+			if (got < 0)
+				return out->stop = PYL_NET_RING_FAULT;
+			if (got == 0)
+				return out->stop = PYL_NET_STARVED;
+		} else if (chain->writable_len >= PYL_VNET_HDR_SIZE) {
+			if (abandoned(net))
+				return out->stop = PYL_NET_ABANDONED;
+			received = read_frame(net, chain);
+			if (received < 0)
+				return out->stop = PYL_NET_TAP_EMPTY;
+			pyl_vq_consume(vq);
+			goto push;
+		} else if (tap_has_frame(net->tap)) {
+			pyl_vq_consume(vq);	/* a frame for a buffer too small */
+		} else {
+			return out->stop = PYL_NET_TAP_EMPTY;
+		}
+		/* Taken by pop_with_notify or consume, with a frame waiting. */
 		if (abandoned(net))
 			return out->stop = PYL_NET_ABANDONED;
 		if (chain->writable_len < PYL_VNET_HDR_SIZE) {
@@ -159,9 +187,11 @@ int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 			return out->stop = PYL_NET_ROOM_FAULT;
 		}
 		received = read_frame(net, chain);
+		if (received < 0)		/* cannot be: the frame waits */
+			received = 0;
+push:
 		net->received += received > 0;
 		pyl_vq_push(vq, chain->head, received);
 		out->pushed++;
 	}
-	return out->stop = PYL_NET_TAP_EMPTY;
 }

@@ -312,14 +312,15 @@ static int walk_chain(struct pyl_vq *vq, uint16_t head,
 }
 
 /*
- * The next available chain, fully validated: 1 and *chain filled in, 0
- * if there is none, -1 if the guest broke a rule.  The ring entry is
- * consumed even when its chain is then refused (fault.head names it).
+ * The next available chain, fully validated, without taking it: 1 and
+ * *chain filled in, 0 if there is none, -1 if the guest broke a rule.
+ * For a device that must look at a request before it knows it can serve
+ * it (net receive: is there a frame for this buffer?); pyl_vq_consume()
+ * then takes it, with no second walk that the guest could race.
  */
-int pyl_vq_pop(struct pyl_vq *vq, struct pyl_chain *chain)
+int pyl_vq_peek(struct pyl_vq *vq, struct pyl_chain *chain)
 {
 	int pending = pyl_vq_pending(vq);
-	uint16_t head;
 
 	if (pending <= 0)
 		return pending;
@@ -330,11 +331,24 @@ int pyl_vq_pop(struct pyl_vq *vq, struct pyl_chain *chain)
 	 * must not reorder them either.
 	 */
 	compiler_barrier();
-	head = vq->avail[2 + vq->last_avail_idx % vq->num];
-	vq->last_avail_idx++;
-	if (walk_chain(vq, head, chain))
+	if (walk_chain(vq, vq->avail[2 + vq->last_avail_idx % vq->num], chain))
 		return -1;
 	return 1;
+}
+
+/*
+ * The next available chain, taken: 1 and *chain filled in, 0 if there is
+ * none, -1 if the guest broke a rule.  The ring entry is consumed even
+ * when its chain is then refused (fault.head names it).
+ */
+int pyl_vq_pop(struct pyl_vq *vq, struct pyl_chain *chain)
+{
+	int got = pyl_vq_peek(vq, chain);
+
+	if (got == 0 || (got < 0 && vq->fault.rule == PYL_RULE_AVAIL_IDX))
+		return got;
+	vq->last_avail_idx++;
+	return got;
 }
 
 /*
@@ -444,6 +458,15 @@ int pyl_vq_pop_with_notify(struct pyl_vq *vq, struct pyl_chain *chain)
 	if (got == 1 && vq->notify_enabled)
 		pyl_vq_set_notification(vq, 0);
 	return got;
+}
+
+/* Take the chain pyl_vq_peek() found, as pyl_vq_pop_with_notify() would
+ * have: kicks off while there is work. */
+void pyl_vq_consume(struct pyl_vq *vq)
+{
+	vq->last_avail_idx++;
+	if (vq->notify_enabled)
+		pyl_vq_set_notification(vq, 0);
 }
 
 /*

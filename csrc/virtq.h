@@ -142,8 +142,10 @@ int pyl_vq_init(struct pyl_vq *vq, const struct pyl_memory *memory,
 		uint32_t num, uint64_t pfn, int event_idx, int indirect);
 void pyl_vq_reset(struct pyl_vq *vq);
 int pyl_vq_pending(struct pyl_vq *vq);
+int pyl_vq_peek(struct pyl_vq *vq, struct pyl_chain *chain);
 int pyl_vq_pop(struct pyl_vq *vq, struct pyl_chain *chain);
 int pyl_vq_pop_with_notify(struct pyl_vq *vq, struct pyl_chain *chain);
+void pyl_vq_consume(struct pyl_vq *vq);
 void pyl_vq_push(struct pyl_vq *vq, uint16_t head, uint32_t len);
 int pyl_vq_needs_interrupt(struct pyl_vq *vq);
 int pyl_vq_set_notification(struct pyl_vq *vq, int enabled);

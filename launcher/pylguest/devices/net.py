@@ -113,6 +113,8 @@ class NetDevice(VirtioDevice):
         self.tap_name = tap_name
         self.mac = mac
         self.tap = open_tap(tap_name) if tap_fd is None else tap_fd
+        # net.c reads the tap until it would block: it must never block.
+        os.set_blocking(self.tap, False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = False
         self._starved = True          # no receive buffers we know of: don't read the tap
