@@ -6,12 +6,17 @@ the exit reasons and the structure layouts are whatever the C compiler says
 they are, never numbers computed by hand in Python.  A declaration ending in
 `...;` lets the compiler fill in the padding and any fields we do not name.
 
-The only C written by hand is at the bottom: a thin ioctl wrapper (so every
+The C written by hand is at the bottom: a thin ioctl wrapper (so every
 call passes the argument with its real C type) and the signal handler that
-makes Ctrl-C race-free with KVM_CAP_IMMEDIATE_EXIT.
+makes Ctrl-C race-free with KVM_CAP_IMMEDIATE_EXIT; and run_fast.c, next to
+this file, the run loop's fast path (the exits answered without Python).
 """
 
+import os
+
 import cffi
+
+CSRC = os.path.dirname(os.path.abspath(__file__))
 
 ffibuilder = cffi.FFI()
 
@@ -211,6 +216,24 @@ int pyl_arm_stop_signals(struct kvm_run *run, int *signals, int count);
 void pyl_disarm_stop_signals(void);
 int pyl_stop_signal(void);
 void pyl_request_stop(int signo);
+
+/* ---- run_fast.c: the exits answered without Python ---- */
+#define PYL_FAST_RING_SIZE ...
+#define PYL_FAST_REASONS ...
+struct pyl_fast {
+    uint8_t claimed[...];
+    uint16_t uart_base;
+    uint8_t uart_thr_plain;
+    uint8_t uart_lsr;
+    uint32_t out_head;
+    uint32_t out_tail;
+    int32_t kick_fd;
+    uint64_t answered[...];
+    ...;
+};
+int pyl_run_fast(int vcpu_fd, struct kvm_run *run, struct pyl_fast *fp);
+int pyl_fast_answer(struct pyl_fast *fp, struct kvm_run *run);
+uint32_t pyl_fast_take(struct pyl_fast *fp, uint8_t *buf, uint32_t size);
 """)
 
 ffibuilder.set_source("pylguest._kvm", r"""
@@ -323,7 +346,9 @@ void pyl_request_stop(int signo)
     if (stop_count && !pthread_equal(pthread_self(), stop_thread))
         pthread_kill(stop_thread, stop_signals[0]);
 }
-""")
+
+#include "run_fast.c"
+""", include_dirs=[CSRC], depends=[os.path.join(CSRC, "run_fast.c")])
 
 if __name__ == "__main__":
     ffibuilder.compile(tmpdir="build/cffi", verbose=False)

@@ -5,6 +5,11 @@ scripted exit, fills kvm_run the way KVM would, and returns its reason.  As
 KVM does, it returns EINTR (None) at once when kvm_run->immediate_exit is
 set, which is how the C signal handler and StopRequest's on_request end a
 run; with the script done, the "guest" spins (KVM_EXIT_INTR now and then).
+
+As KVM's, its kvm_run is a page with the data of port I/O after it
+(io.data_offset), so that run_fast() can hand each exit to the C fast path
+(csrc/run_fast.c's pyl_fast_answer) as vcpu.py's does: the run loop's
+tests run both ways (FakeVcpu(fast=False) has no run_fast).
 """
 
 import time
@@ -23,11 +28,18 @@ RECORDER_PORT = 0x3F8
 RAM_TOP = 0x100000
 
 
+PAGE = 4096
+IO_DATA_SIZE = 64
+
+
 class FakeVcpu:
-    def __init__(self, script=(), rip=0x1000, rflags=0x2):
-        self.kvm_run = ffi.new("struct kvm_run *")
+    def __init__(self, script=(), rip=0x1000, rflags=0x2, fast=True):
+        self._pages = ffi.new("uint8_t[]", PAGE + IO_DATA_SIZE)
+        self.kvm_run = ffi.cast("struct kvm_run *", self._pages)
         self.script = list(script)        # callables(kvm_run, vcpu) -> exit reason
-        self.io_buffer = bytearray(64)
+        self.io_buffer = memoryview(ffi.buffer(self._pages))[PAGE:]
+        if not fast:
+            self.run_fast = None          # the run loop then takes the Python path
         self.regs = ffi.new("struct kvm_regs *", {"rip": rip, "rflags": rflags})
         self.sregs = ffi.new("struct kvm_sregs *", {"cr0": 0x80000011, "efer": 0x500})
         self.events = ffi.new("struct kvm_vcpu_events *")
@@ -41,7 +53,18 @@ class FakeVcpu:
         if not self.script:
             time.sleep(0.002)             # the guest runs on...
             return lib.KVM_EXIT_INTR      # ...and a host interrupt shows it
-        return self.script.pop(0)(self.kvm_run, self)
+        reason = self.script.pop(0)(self.kvm_run, self)
+        if reason is not None:
+            self.kvm_run.exit_reason = reason
+        return reason
+
+    def run_fast(self, table):
+        """Vcpu.run_fast's loop, in Python: every exit goes to the C fast
+        path first, as in csrc/run_fast.c's pyl_run_fast."""
+        while True:
+            reason = self.run()
+            if reason is None or not lib.pyl_fast_answer(table, self.kvm_run):
+                return reason
 
     def io_data(self):
         io = self.kvm_run.io
@@ -68,7 +91,7 @@ class FakeVcpu:
 def io_out(port, data, size=1):
     def exit_(run, vcpu):
         run.io.direction, run.io.size, run.io.port = lib.KVM_EXIT_IO_OUT, size, port
-        run.io.count = len(data) // size
+        run.io.count, run.io.data_offset = len(data) // size, PAGE
         vcpu.io_buffer[:len(data)] = data
         return lib.KVM_EXIT_IO
     return exit_
@@ -77,6 +100,7 @@ def io_out(port, data, size=1):
 def io_in(port, size=1, count=1):
     def exit_(run, vcpu):
         run.io.direction, run.io.size, run.io.port, run.io.count = 0, size, port, count
+        run.io.data_offset = PAGE
         vcpu.io_buffer[:] = bytes(len(vcpu.io_buffer))
         return lib.KVM_EXIT_IO
     return exit_
@@ -166,7 +190,7 @@ class Recorder:
 
 
 class Rig:
-    def __init__(self, script, recorder=None, signal_source=None):
+    def __init__(self, script, recorder=None, signal_source=None, fast=True):
         self.memory = GuestMemory([Region(0, RAM_TOP + 0x1000, 0)])
         self.early = bytearray()
         self.reports = []
@@ -176,7 +200,7 @@ class Rig:
         self.ports.register(i8042.BASE_PORT, i8042.PORT_COUNT, "i8042",
                             i8042.I8042(lambda: stop.reboot("i8042 reset")))
         self.hypercalls = HypercallPage(self.memory, RAM_TOP, self, self.reports.append)
-        self.vcpu = FakeVcpu(script)
+        self.vcpu = FakeVcpu(script, fast=fast)
         # The run loop's tests give a signal source of their own: the C
         # handler's record (signal_stop) is process-wide and is reset only
         # when supervise() arms it, as run_policy's tests do.
@@ -196,12 +220,14 @@ class Rig:
         self.memory.close()
 
 
-def rigs():
+def rigs(fast=True):
     """The body of each test module's rig_of fixture: rig_of(script, ...)
-    makes a Rig, and every Rig made is closed after the test."""
+    makes a Rig (with the fast path or without), and every Rig made is
+    closed after the test."""
     made = []
 
     def make(script, **kw):
+        kw.setdefault("fast", fast)
         made.append(Rig(script, **kw))
         return made[-1]
     yield make

@@ -1,6 +1,9 @@
 """The run loop (run_loop.py), driven by a fake vCPU through every exit kind.
 
-No /dev/kvm: tests/fake_vcpu.py plays KVM's side of struct kvm_run.
+No /dev/kvm: tests/fake_vcpu.py plays KVM's side of struct kvm_run.  Each
+test runs twice: through the Python handlers alone, and with the C fast
+path (csrc/run_fast.c) answering first what it may; the verdicts, the
+answers and the counts must not differ.
 """
 
 import pytest
@@ -14,9 +17,9 @@ from pylguest.lguest.hypercall import LHCALL_NOTIFY
 from pylguest.stop import EXIT_LAUNCHER_ERROR
 
 
-@pytest.fixture
-def rig_of():
-    yield from rigs()
+@pytest.fixture(params=["python", "fast"])
+def rig_of(request):
+    yield from rigs(fast=request.param == "fast")
 
 
 # --- each exit kind ---------------------------------------------------------------------

@@ -15,8 +15,23 @@ way (stop.ExitResult).  A stop asked for from outside -- a signal, the
 --timeout timer, Ctrl-A x, the API -- makes KVM_RUN return EINTR, and the
 loop then takes the Stop from the StopRequest.
 
+The fast path.  Most exits are the same few port accesses -- the 8250's
+THR and LSR (a serial console costs two exits per character) and ports
+nobody claims -- and a trip through Python for each would cost more than
+the exit.  So the loop calls vcpu.run_fast() with the port bus's table
+(fastpath.py): C runs KVM_RUN again and again, answers those exits from
+the table that the port bus and the UART keep up to date, and returns only
+with an exit the handlers below must answer, or EINTR.  Before answering
+that exit, the loop drains the console bytes C collected, so output stays
+in order.  The exits C answered count in exit_counts too (--stats).
+The fast path is off when a tracer is given (--trace shows every exit, so
+every exit goes through Python and is decoded here), and when the vCPU
+offers no run_fast.  It is the same on hardware and on emulating KVM: it
+saves the trip through Python, not an emulation step.
+
 The loop needs of its vCPU only run(), kvm_run, io_data() and the register
-calls (kvm/vcpu.py's Vcpu), so a test can drive it with a fake one.
+calls (kvm/vcpu.py's Vcpu), and run_fast() where it has one, so a test can
+drive it with a fake one.
 """
 
 from pylguest import stop
@@ -46,7 +61,11 @@ class RunLoop:
         self.mmio = mmio
         self.stopping = stopping
         self.tracer = tracer
-        self.exit_counts = {}              # KVM exit reason (None: EINTR) -> count
+        self._counts = {}                  # KVM exit reason (None: EINTR) -> count
+        # C answers the common port exits, unless every exit must be traced.
+        self.fast = None
+        if tracer is None and getattr(vcpu, "run_fast", None) is not None:
+            self.fast = getattr(ports, "fast", None)
         self.handlers = {
             lib.KVM_EXIT_IO: self._exit_io,
             lib.KVM_EXIT_MMIO: self._exit_mmio,
@@ -60,7 +79,18 @@ class RunLoop:
 
     def run(self) -> Stop:
         """KVM_RUN until a handler or a stop request ends the run."""
-        run, counts, handlers = self.vcpu.run, self.exit_counts, self.handlers
+        if self.fast is None:
+            return self._loop(self.vcpu.run)
+        with self.fast.running(self.stopping):
+            return self._loop(self._run_fast)
+
+    def _run_fast(self):
+        reason = self.vcpu.run_fast(self.fast.table)
+        self.fast.drain()                  # C's console bytes before anything we do
+        return reason
+
+    def _loop(self, run) -> Stop:
+        counts, handlers = self._counts, self.handlers
         while True:
             reason = run()
             counts[reason] = counts.get(reason, 0) + 1
@@ -168,9 +198,19 @@ class RunLoop:
         return (f"{text} cr0=0x{sregs.cr0:x} cr2=0x{sregs.cr2:x} cr3=0x{sregs.cr3:x} "
                 f"cr4=0x{sregs.cr4:x} efer=0x{sregs.efer:x} cs=0x{sregs.cs.selector:x}")
 
+    @property
+    def exit_counts(self) -> dict:
+        """KVM exit reason (None: EINTR) -> how many, in C and here."""
+        counts = dict(self._counts)
+        if self.fast is not None:
+            for reason, n in self.fast.answered().items():
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
+
     def exit_summary(self) -> str:
         """`--stats`: how many times the guest exited to us, by reason."""
         names = exit_reason_names()
-        parts = [f"{names.get(r, r)} {n}" for r, n in sorted(self.exit_counts.items(),
+        counts = self.exit_counts
+        parts = [f"{names.get(r, r)} {n}" for r, n in sorted(counts.items(),
                                                              key=lambda item: -item[1])]
-        return f"exits to userspace: {sum(self.exit_counts.values())} ({', '.join(parts)})"
+        return f"exits to userspace: {sum(counts.values())} ({', '.join(parts)})"

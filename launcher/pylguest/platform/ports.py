@@ -4,11 +4,17 @@ Only what the kernel does not already emulate reaches us: the PIC, PIT and
 IOAPIC are in-kernel.  A port nobody claims reads as all ones (a floating
 ISA bus, which is how Linux discovers that COM2 is absent) and ignores
 writes.
+
+The bus also keeps the table the run loop's fast path answers from in C
+(fastpath.py): every port registered here is marked claimed there, so C
+answers only the ports nobody claims, and a device that can let C answer
+some of its own registers (the UART) gets the table through attach_fast().
 """
 
 from dataclasses import dataclass
 from typing import Protocol
 
+from pylguest.fastpath import FastPath
 from pylguest.stop import ExitResult
 
 
@@ -37,6 +43,7 @@ class PortRange:
 class PortBus:
     def __init__(self):
         self._by_port = {}
+        self.fast = FastPath()
 
     def register(self, base: int, count: int, name: str, device: PortDevice,
                  register_names=()) -> None:
@@ -45,6 +52,10 @@ class PortBus:
             if port in self._by_port:
                 raise ValueError(f"port 0x{port:x} claimed twice")
             self._by_port[port] = entry
+            self.fast.claim(port)
+        attach_fast = getattr(device, "attach_fast", None)
+        if attach_fast is not None:
+            attach_fast(self.fast, base)
 
     def io_in(self, port: int, size: int) -> int:
         entry = self._by_port.get(port)

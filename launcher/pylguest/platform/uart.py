@@ -38,6 +38,20 @@ into the UART must not deadlock); a second lock, `_line_lock`, is held
 around computing the level and calling set_irq, so two threads can never
 deliver their level changes in the wrong order and leave the line low
 while an interrupt is pending.  Order: `_line_lock` before `_lock`.
+
+The fast path.  The run loop answers the two registers a console uses per
+character -- THR writes and LSR reads -- in C (fastpath.py), but only
+while our model would answer them the same way, and we say when that is
+(`_publish`, after every change, under `_lock`):
+
+- a THR write is nothing but output while DLAB is clear (offset 0 is not
+  DLL), loopback is off (the byte is not queued as input) and IER.THRI is
+  off: then the "THR empty" source it re-arms cannot be seen (IIR reports
+  it only with THRI on, and turning THRI on re-arms it anyway) and the IRQ
+  line cannot change;
+- an LSR read changes nothing unless an error bit is waiting to be
+  cleared, so while none is, C returns the value published here, and DR
+  follows the input queue as the input thread fills it.
 """
 
 import collections
@@ -125,6 +139,7 @@ class Uart8250:
         self.line_errors = 0              # LSR error bits not read yet
         self.thr_interrupt = False        # the chip's latched "THR empty" source
         self.rx = collections.deque()     # the receive FIFO, oldest first
+        self._fast = None                 # the port bus's fast path, once attached
 
     # -- the three entry points --------------------------------------------------
 
@@ -132,6 +147,7 @@ class Uart8250:
         """A guest `in` from base + offset (the vCPU thread)."""
         with self._lock:
             value = self._read_register(offset)
+            self._publish()
         self._update_irq()                # reading RBR, IIR or LSR can end an interrupt
         return value
 
@@ -139,6 +155,7 @@ class Uart8250:
         """A guest `out` to base + offset (the vCPU thread)."""
         with self._lock:
             sent = self._write_register(offset, value & 0xFF)
+            self._publish()
         if sent:
             self.output.write(sent)       # outside our lock: the fd may be slow
         self._update_irq()
@@ -147,7 +164,15 @@ class Uart8250:
         """Bytes typed by the host's user (the input thread)."""
         with self._lock:
             self._queue_input(data)
+            self._publish()
         self._update_irq()
+
+    def attach_fast(self, fast, base: int) -> None:
+        """The port bus's fast path: C may answer THR and LSR at `base` (module doc)."""
+        with self._lock:
+            self._fast = fast
+            fast.attach_uart(base, self.output.write)
+            self._publish()
 
     @property
     def pending_input(self) -> int:
@@ -192,10 +217,14 @@ class Uart8250:
         return iir
 
     def _read_lsr(self):
+        lsr = self._line_status()
+        self.line_errors = 0              # error bits clear when read
+        return lsr
+
+    def _line_status(self):
         lsr = LSR_THRE | LSR_TEMT | self.line_errors
         if self.rx:
             lsr |= LSR_DR
-        self.line_errors = 0              # error bits clear when read
         return lsr
 
     def _modem_status(self):
@@ -259,6 +288,12 @@ class Uart8250:
         if fifo_toggled or value & FCR_CLEAR_RCVR:
             self.rx.clear()
         self.fcr = value & (FCR_ENABLE_FIFO | FCR_TRIGGER_MASK)
+
+    def _publish(self):
+        """Tell the fast path what it may answer now (holding `_lock`)."""
+        if self._fast is not None:
+            thr_plain = not (self.lcr & LCR_DLAB or self.mcr & MCR_LOOP or self.ier & IER_THRI)
+            self._fast.publish_uart(thr_plain, 0 if self.line_errors else self._line_status())
 
     # -- input and interrupts --------------------------------------------------------
 
