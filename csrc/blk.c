@@ -23,9 +23,12 @@
  * complete and nobody waits for the rest of it.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/uio.h>
+
+#include <liburing.h>
 
 #include "blk.h"
 
@@ -142,15 +145,16 @@ static int fault_status(const struct pyl_blk *blk, const struct request *req)
 
 /*
  * The next system call's worth of the span: at most PYL_BLK_IO_CHUNK
- * bytes and BLK_IOV_MAX buffers.  A buffer longer than what is left is
+ * bytes and max_iov buffers.  A buffer longer than what is left is
  * cut, and goes on in the next batch.  Returns the bytes in the batch.
  */
-static uint64_t next_batch(struct span *s, struct iovec *iov, int *niov)
+static uint64_t next_batch(struct span *s, struct iovec *iov, int max_iov,
+			   int *niov)
 {
 	uint64_t size = 0;
 
 	*niov = 0;
-	while (s->len && s->count && *niov < BLK_IOV_MAX &&
+	while (s->len && s->count && *niov < max_iov &&
 	       size < PYL_BLK_IO_CHUNK) {
 		uint64_t n = s->buf->len - s->skip;
 
@@ -206,19 +210,35 @@ static uint64_t move_batch(struct pyl_blk *blk, int write, struct iovec *iov,
 	return done;
 }
 
+/* Skip the first n bytes of a span. */
+static void span_advance(struct span *s, uint64_t n)
+{
+	s->len -= n;
+	n += s->skip;
+	while (s->count && n >= s->buf->len) {
+		n -= s->buf->len;
+		s->buf++;
+		s->count--;
+	}
+	s->skip = n;
+}
+
 /*
- * Move the request's data, batch by batch; the bytes moved, or -1 if a
- * reset or stop abandoned the request between two batches.
+ * Move the request's data from byte `from` on, batch by batch: the bytes
+ * moved in all, or -1 if a reset or stop abandoned the request between
+ * two batches.
  */
-static int64_t transfer(struct pyl_blk *blk, struct request *req, int write)
+static int64_t transfer(struct pyl_blk *blk, const struct request *req,
+			int write, uint64_t from)
 {
 	struct iovec iov[BLK_IOV_MAX];
-	uint64_t offset = req->sector * SECTOR_SIZE, done = 0;
+	uint64_t offset = req->sector * SECTOR_SIZE, done = from;
 	struct span s = req->data;
 	int niov;
 
+	span_advance(&s, from);
 	for (;;) {
-		uint64_t size = next_batch(&s, iov, &niov), moved;
+		uint64_t size = next_batch(&s, iov, BLK_IOV_MAX, &niov), moved;
 
 		if (size == 0)
 			return done;
@@ -268,7 +288,7 @@ static int execute(struct pyl_blk *blk, struct request *req,
 		return status;
 	switch (req->type) {
 	case VIRTIO_BLK_T_IN:
-		done = transfer(blk, req, 0);
+		done = transfer(blk, req, 0, 0);
 		if (done < 0)
 			return -1;
 		*written = done;
@@ -277,7 +297,7 @@ static int execute(struct pyl_blk *blk, struct request *req,
 	case VIRTIO_BLK_T_OUT:
 		if (blk->read_only)	/* 5.2.6.2: IOERR, no data written */
 			return VIRTIO_BLK_S_IOERR;
-		done = transfer(blk, req, 1);
+		done = transfer(blk, req, 1, 0);
 		if (done < 0)
 			return -1;
 		return (uint64_t)done == req->data.len ? VIRTIO_BLK_S_OK
@@ -295,42 +315,387 @@ static int execute(struct pyl_blk *blk, struct request *req,
 }
 
 /*
+ * Requests in flight together.
+ *
+ * A disk does several things at once (a real one, or the host's page
+ * cache on several CPUs), and the guest may have many requests queued, so
+ * reads and writes that fit in one system call go to io_uring and are in
+ * flight together, up to DEPTH of them.  Each taken request has a slot;
+ * slots are used, and their requests published in the used ring, in the
+ * order the guest made them: a completion that comes early waits for
+ * those before it.  (The spec would let us publish out of order; doing it
+ * in order costs a little latency and keeps what the guest sees
+ * deterministic, which the ring fuzzer's model relies on.)  Anything else
+ * -- a fault, GET_ID, a request too big for one call, every request when
+ * io_uring is not available -- is done at once, in its slot.  A flush
+ * first waits for every request in flight: "the writes before it" must be
+ * written before fdatasync can make them durable.
+ */
+#define DEPTH		32	/* requests in flight at most */
+#define SLOT_IOVS	64	/* buffers of one request sent to io_uring */
+
+struct slot {
+	/* The request as parsed; req.data points into the chain buffer, which
+	 * the next pop reuses: once submitted, only iov[] says where the
+	 * data is. */
+	struct request req;
+	uint16_t head;
+	int done;		/* its status is known, and written */
+	uint8_t status;
+	uint64_t written;	/* bytes written into the guest's buffers */
+	int write;		/* OUT: the device reads guest memory */
+	uint64_t size;		/* for io_uring: the bytes its one call moves */
+	int niov;
+	struct iovec iov[SLOT_IOVS];
+};
+
+struct pyl_blk_inflight {
+	struct io_uring ring;
+	int have_ring;		/* io_uring_queue_init worked */
+	uint32_t first;		/* the oldest slot not yet published */
+	uint32_t count;		/* slots taken and not yet published */
+	uint32_t submitted;	/* io_uring requests not yet completed */
+	struct slot slot[DEPTH];
+};
+
+/* Once, when the device opens its image; 1 with io_uring, 0 without. */
+int pyl_blk_start(struct pyl_blk *blk, int use_io_uring)
+{
+	struct pyl_blk_inflight *f = calloc(1, sizeof(*f));
+
+	if (!f)
+		return -ENOMEM;
+	if (use_io_uring && io_uring_queue_init(DEPTH, &f->ring, 0) == 0)
+		f->have_ring = 1;
+	blk->inflight = f;
+	return f->have_ring;
+}
+
+void pyl_blk_stop(struct pyl_blk *blk)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+
+	if (!f)
+		return;
+	if (f->have_ring)
+		io_uring_queue_exit(&f->ring);
+	free(f);
+	blk->inflight = NULL;
+}
+
+/* The request's status is known: the status byte is written now, in the
+ * order requests finish, as a device doing them one by one would. */
+static void finish(struct slot *slot, int status, uint64_t written)
+{
+	*slot->req.status = status;
+	slot->status = status;
+	slot->written = written;
+	slot->done = 1;
+}
+
+/* Hand a read or write to io_uring, if it fits in one call; 1 if it did. */
+static int submit(struct pyl_blk *blk, struct slot *slot, uint32_t index)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+	struct span s = slot->req.data;
+	struct io_uring_sqe *sqe;
+	uint64_t offset = slot->req.sector * SECTOR_SIZE;
+	int niov;
+
+	if (!f->have_ring)
+		return 0;
+	slot->size = next_batch(&s, slot->iov, SLOT_IOVS, &niov);
+	if (s.len || slot->size == 0)
+		return 0;	/* more than one call's worth, or nothing */
+	slot->niov = niov;
+	sqe = io_uring_get_sqe(&f->ring);
+	if (!sqe)
+		return 0;
+	if (slot->write)
+		io_uring_prep_writev(sqe, blk->fd, slot->iov, niov, offset);
+	else
+		io_uring_prep_readv(sqe, blk->fd, slot->iov, niov, offset);
+	io_uring_sqe_set_data64(sqe, index);
+	f->submitted++;
+	if (f->submitted > blk->most_in_flight)
+		blk->most_in_flight = f->submitted;
+	blk->syscalls++;
+	if (slot->size > blk->largest_syscall)
+		blk->largest_syscall = slot->size;
+	return 1;
+}
+
+/* The rest of a request io_uring did only `done` bytes of, by hand. */
+static uint64_t finish_short(struct pyl_blk *blk, struct slot *slot,
+			     uint64_t done)
+{
+	struct iovec *iov = slot->iov;
+	int niov = slot->niov;
+	uint64_t skip = done;
+
+	while (niov && skip >= iov->iov_len) {
+		skip -= iov->iov_len;
+		iov++;
+		niov--;
+	}
+	if (niov) {
+		iov->iov_base = (uint8_t *)iov->iov_base + skip;
+		iov->iov_len -= skip;
+	}
+	return move_batch(blk, slot->write, iov, niov, slot->size - done,
+			  slot->req.sector * SECTOR_SIZE + done);
+}
+
+/* A request io_uring finished: a short one is finished by hand. */
+static void completed(struct pyl_blk *blk, struct io_uring_cqe *cqe)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+	struct slot *slot = &f->slot[io_uring_cqe_get_data64(cqe)];
+	int64_t done = cqe->res;
+
+	f->submitted--;
+	if (done < 0)
+		done = 0;	/* an error: IOERR, as for preadv's */
+	else if ((uint64_t)done < slot->size && done > 0)
+		done += finish_short(blk, slot, done);
+	if ((uint64_t)done == slot->req.data.len)
+		finish(slot, VIRTIO_BLK_S_OK, slot->write ? 0 : done);
+	else
+		finish(slot, VIRTIO_BLK_S_IOERR, slot->write ? 0 : done);
+}
+
+/*
+ * Collect completions; with `wait`, until at least one came, waiting in
+ * 50 ms slices so a reset or stop is seen.  -1 once one is.
+ */
+static int reap(struct pyl_blk *blk, int wait)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+	struct __kernel_timespec slice = { .tv_nsec = 50 * 1000 * 1000 };
+	struct io_uring_cqe *cqe;
+
+	if (!f->have_ring)
+		return 0;
+	io_uring_submit(&f->ring);
+	while (f->submitted) {
+		int err = wait ? io_uring_wait_cqe_timeout(&f->ring, &cqe, &slice)
+			       : io_uring_peek_cqe(&f->ring, &cqe);
+
+		if (err == -ETIME || err == -EINTR) {
+			if (abandoned(blk))
+				return -1;
+			continue;
+		}
+		if (err)
+			return 0;	/* nothing completed yet (-EAGAIN) */
+		completed(blk, cqe);
+		io_uring_cqe_seen(&f->ring, cqe);
+		wait = 0;
+	}
+	return 0;
+}
+
+/* Until nothing is in flight; -1 if a reset or stop came first. */
+static int wait_all(struct pyl_blk *blk)
+{
+	while (blk->inflight->submitted)
+		if (reap(blk, 1) < 0)
+			return -1;
+	return 0;
+}
+
+/*
+ * A reset or stop: wait for what io_uring still has (each at most one
+ * call's worth: it writes into guest memory, so it must be over before
+ * the guest gets its buffers back), and publish nothing.
+ */
+static void settle(struct pyl_blk *blk)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+	struct io_uring_cqe *cqe;
+
+	if (f->have_ring)
+		io_uring_submit(&f->ring);
+	while (f->submitted && io_uring_wait_cqe(&f->ring, &cqe) == 0) {
+		f->submitted--;
+		io_uring_cqe_seen(&f->ring, cqe);
+	}
+	f->first = f->count = 0;
+}
+
+/* Publish, in order, the requests at the front whose status is known. */
+static void publish(struct pyl_vq *vq, struct pyl_blk *blk,
+		    struct pyl_blk_outcome *out)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+
+	while (f->count && f->slot[f->first].done) {
+		struct slot *slot = &f->slot[f->first];
+
+		pyl_vq_push(vq, slot->head, slot->written + 1);
+		blk->requests++;
+		out->pushed++;
+		out->last = (struct pyl_blk_request){ slot->req.type,
+			slot->req.sector, slot->req.data.len, slot->status };
+		f->first = (f->first + 1) % DEPTH;
+		f->count--;
+	}
+}
+
+/*
+ * Start the request in `slot`: to io_uring, or done at once.  -1 if a
+ * reset or stop abandoned it.
+ */
+static int start(struct pyl_blk *blk, struct slot *slot, uint32_t index)
+{
+	uint64_t written;
+	int status;
+
+	slot->done = 0;
+	slot->write = slot->req.type == VIRTIO_BLK_T_OUT;
+	if (fault_status(blk, &slot->req) < 0 &&
+	    (slot->req.type == VIRTIO_BLK_T_IN ||
+	     (slot->write && !blk->read_only)) &&
+	    submit(blk, slot, index))
+		return 0;
+	/* Every write before a flush is written first. */
+	if (slot->req.type == VIRTIO_BLK_T_FLUSH && wait_all(blk) < 0)
+		return -1;
+	status = execute(blk, &slot->req, &written);
+	if (status < 0)
+		return -1;
+	finish(slot, status, written);
+	return 0;
+}
+
+/*
+ * Hazards.  Requests in flight together must end as if done one by one,
+ * in order: a guest that names the same bytes in two requests (which no
+ * sane driver does, and a hostile one may) must not see them done in some
+ * other order, nor may the disk.  So a request that shares guest memory
+ * with one in flight, or disk sectors it writes or that are being
+ * written, waits until nothing is in flight.  Each check is bounded: a
+ * chain of more than SLOT_IOVS buffers just waits.
+ */
+static int overlap(const uint8_t *a, uint64_t alen, const uint8_t *b,
+		   uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
+static int touches(const struct slot *slot, const uint8_t *p, uint64_t len)
+{
+	int i;
+
+	if (overlap(slot->req.status, 1, p, len))
+		return 1;
+	for (i = 0; i < slot->niov; i++)
+		if (overlap(slot->iov[i].iov_base, slot->iov[i].iov_len, p, len))
+			return 1;
+	return 0;
+}
+
+static int shares_memory(const struct pyl_blk_inflight *f,
+			 const struct pyl_chain *chain)
+{
+	uint32_t n = chain->nreadable + chain->nwritable, i, k;
+
+	if (n > SLOT_IOVS)
+		return 1;
+	for (k = 0; k < f->count; k++) {
+		const struct slot *slot = &f->slot[(f->first + k) % DEPTH];
+
+		if (slot->done)
+			continue;
+		for (i = 0; i < n; i++)
+			if (touches(slot, chain->bufs[i].host, chain->bufs[i].len))
+				return 1;
+	}
+	return 0;
+}
+
+static int shares_sectors(const struct pyl_blk_inflight *f,
+			  const struct request *req)
+{
+	int write = req->type == VIRTIO_BLK_T_OUT;
+	uint32_t k;
+
+	if (req->type != VIRTIO_BLK_T_IN && !write)
+		return 0;
+	for (k = 0; k < f->count; k++) {
+		const struct slot *slot = &f->slot[(f->first + k) % DEPTH];
+
+		if (!slot->done && (write || slot->write) &&
+		    req->sector < slot->req.sector + slot->size / SECTOR_SIZE &&
+		    slot->req.sector < req->sector + req->data.len / SECTOR_SIZE)
+			return 1;
+	}
+	return 0;
+}
+
+/* Take the next request into a free slot and start it; -1 when one was
+ * taken, else why not (an enum pyl_blk_stop). */
+static int take(struct pyl_vq *vq, struct pyl_chain *chain,
+		struct pyl_blk *blk, struct pyl_blk_outcome *out)
+{
+	struct pyl_blk_inflight *f = blk->inflight;
+	uint32_t index = (f->first + f->count) % DEPTH;
+	struct slot *slot = &f->slot[index];
+	int got = pyl_vq_pop_with_notify(vq, chain);
+
+	if (got < 0)
+		return PYL_BLK_RING_FAULT;
+	if (got == 0)
+		return PYL_BLK_EMPTY;
+	if (abandoned(blk))
+		return PYL_BLK_ABANDONED;
+	/* Its header is read below: after any request in flight that
+	 * writes those bytes. */
+	if (f->submitted && shares_memory(f, chain) && wait_all(blk) < 0)
+		return PYL_BLK_ABANDONED;
+	out->rule = parse(chain, &slot->req);
+	if (out->rule) {
+		out->head = chain->head;
+		out->readable_len = chain->readable_len;
+		return PYL_BLK_REQUEST_FAULT;
+	}
+	if (f->submitted && shares_sectors(f, &slot->req) && wait_all(blk) < 0)
+		return PYL_BLK_ABANDONED;
+	slot->head = chain->head;
+	slot->niov = 0;
+	f->count++;
+	if (start(blk, slot, index) < 0)
+		return PYL_BLK_ABANDONED;
+	return -1;
+}
+
+/*
  * Serve the ring until it is empty, `limit` requests were pushed (0: no
- * limit), a rule is broken, or the request in flight is abandoned.
+ * limit), a rule is broken, or a reset or stop abandons the requests in
+ * flight.  Requests taken before a broken one are still served.
  */
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain,
 		  struct pyl_blk *blk, uint32_t limit,
 		  struct pyl_blk_outcome *out)
 {
+	struct pyl_blk_inflight *f = blk->inflight;
+	int stop = -1;
+
 	memset(out, 0, sizeof(*out));
 	for (;;) {
-		struct request req;
-		uint64_t written;
-		int got, status;
-
-		if (limit && out->pushed == limit)
-			return out->stop = PYL_BLK_LIMIT;
-		got = pyl_vq_pop_with_notify(vq, chain);
-		if (got < 0)
-			return out->stop = PYL_BLK_RING_FAULT;
-		if (got == 0)
-			return out->stop = PYL_BLK_EMPTY;
-		if (abandoned(blk))
-			return out->stop = PYL_BLK_ABANDONED;
-		out->rule = parse(chain, &req);
-		if (out->rule) {
-			out->head = chain->head;
-			out->readable_len = chain->readable_len;
-			return out->stop = PYL_BLK_REQUEST_FAULT;
+		while (stop < 0 && f->count < DEPTH) {
+			if (limit && out->pushed + f->count == limit)
+				stop = PYL_BLK_LIMIT;
+			else
+				stop = take(vq, chain, blk, out);
 		}
-		status = execute(blk, &req, &written);
-		if (status < 0)
+		if (stop == PYL_BLK_ABANDONED ||
+		    reap(blk, f->count && !f->slot[f->first].done) < 0) {
+			settle(blk);
 			return out->stop = PYL_BLK_ABANDONED;
-		*req.status = status;
-		pyl_vq_push(vq, chain->head, written + 1);
-		blk->requests++;
-		out->pushed++;
-		out->last = (struct pyl_blk_request){ req.type, req.sector,
-						      req.data.len, status };
+		}
+		publish(vq, blk, out);
+		if (stop >= 0 && f->count == 0)
+			return out->stop = stop;
 	}
 }

@@ -10,6 +10,8 @@
 #define PYL_BLK_ID_BYTES	20
 #define PYL_BLK_IO_CHUNK	(1 << 20)	/* bytes per system call at most */
 
+struct pyl_blk_inflight;		/* blk.c's: the requests in flight */
+
 /* The disk, and the counters --stats and the tests read. */
 struct pyl_blk {
 	int fd;
@@ -21,6 +23,8 @@ struct pyl_blk {
 	uint64_t syscalls;		/* preadv/pwritev calls made */
 	uint64_t largest_syscall;	/* the most bytes one of them asked */
 	uint64_t flushes;		/* fdatasync calls made */
+	uint32_t most_in_flight;	/* the most io_uring had at once */
+	struct pyl_blk_inflight *inflight;
 };
 
 /* Why pyl_blk_drain() returned. */
@@ -55,6 +59,8 @@ struct pyl_blk_outcome {
 	struct pyl_blk_request last;	/* the last request pushed */
 };
 
+int pyl_blk_start(struct pyl_blk *blk, int use_io_uring);
+void pyl_blk_stop(struct pyl_blk *blk);
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain,
 		  struct pyl_blk *blk, uint32_t limit,
 		  struct pyl_blk_outcome *out);

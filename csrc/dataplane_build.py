@@ -74,6 +74,7 @@ struct pyl_blk {
     int fd; uint64_t capacity; int read_only; uint8_t id[...];
     volatile int *abandon;
     uint64_t requests; uint64_t syscalls; uint64_t largest_syscall; uint64_t flushes;
+    uint32_t most_in_flight;
     ...;
 };
 enum pyl_blk_stop { PYL_BLK_EMPTY, PYL_BLK_LIMIT, PYL_BLK_RING_FAULT,
@@ -84,6 +85,8 @@ struct pyl_blk_outcome {
     int stop; uint32_t pushed; int rule; uint16_t head; uint64_t readable_len;
     struct pyl_blk_request last;
 };
+int pyl_blk_start(struct pyl_blk *blk, int use_io_uring);
+void pyl_blk_stop(struct pyl_blk *blk);
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain, struct pyl_blk *blk,
                   uint32_t limit, struct pyl_blk_outcome *out);
 
@@ -105,6 +108,7 @@ ffibuilder.set_source(
     '#include "virtq.h"\n#include "blk.h"\n#include "net.h"\n',
     sources=[os.path.join(HERE, name) for name in ("virtq.c", "blk.c", "net.c")],
     include_dirs=[HERE],
+    libraries=["uring"],            # liburing: block requests in flight together
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

@@ -73,14 +73,18 @@ class DeviceRig:
     attach=False (the bus tests) a real LguestBus has done that, and the
     rig is only the guest's driver."""
 
-    def __init__(self, device, memory, pfns, data_area, report=None, start=True, attach=True):
+    def __init__(self, device, memory, pfns, data_area, report=None, start=True, attach=True,
+                 trace=False):
+        """`trace`: give the device a --trace callable (its lines land in
+        `traces`); without, it runs as it does when nobody traces."""
         self.device, self.memory = device, memory
         self.reports = [] if report is None else report
         self.traces = []
         if attach:
             self.interrupts = 0
             device.attach(DeviceContext(memory=memory, interrupt=self._interrupt,
-                                        report=self.reports.append, trace=self.traces.append))
+                                        report=self.reports.append,
+                                        trace=self.traces.append if trace else None))
         self.pfns = list(pfns)
         self.rings = [RingBuilder(memory, num, pfn)
                       for num, pfn in zip(device.queue_sizes, self.pfns)]

@@ -109,7 +109,9 @@ class BlockDevice(VirtioDevice):
     queue_names = ("requests",)
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name, path, read_only=False):
+    def __init__(self, name, path, read_only=False, io_uring=True):
+        """`io_uring`: let requests be in flight together when the host has
+        io_uring (False: one at a time, as the tests of both ways ask)."""
         super().__init__(name)
         self.path = path
         self.read_only = read_only
@@ -136,6 +138,11 @@ class BlockDevice(VirtioDevice):
         ident = name.encode()[:VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._c.id, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"), VIRTIO_BLK_ID_BYTES)
         self._outcome = ffi.new("struct pyl_blk_outcome *")
+        started = lib.pyl_blk_start(self._c, io_uring)
+        if started < 0:
+            os.close(self.fd)
+            raise MemoryError(f"{name}: no memory for its requests in flight")
+        self.io_uring = bool(started)             # requests in flight together
 
     def device_features(self):
         features = (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_BLK_SIZE)
@@ -179,12 +186,18 @@ class BlockDevice(VirtioDevice):
         return self._c.requests
 
     @property
+    def most_in_flight(self):
+        """The most requests io_uring had in flight at once."""
+        return self._c.most_in_flight
+
+    @property
     def io_counts(self):
         """(preadv/pwritev calls, the most bytes one asked for, fdatasyncs)."""
         return self._c.syscalls, self._c.largest_syscall, self._c.flushes
 
     def close(self, timeout=5.0):
         if self.fd >= 0:
+            lib.pyl_blk_stop(self._c)
             os.close(self.fd)
             self.fd = -1
         return True
