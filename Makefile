@@ -8,10 +8,11 @@ PYLGUEST = $(PYTHON) -m pylguest
 # and the guests; the compressors the decompression tests use; busybox and
 # cpio for initramfs images; iproute2 for the network tests; what a kernel
 # build needs (flex, bison, bc, libelf, patch); e2fsprogs for the disk
-# images the Linux tests make and read back.
+# images the Linux tests make and read back; liburing for the block
+# device's requests in flight together (csrc/blk.c).
 APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
 	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2 \
-	flex bison bc libelf-dev libssl-dev patch e2fsprogs
+	flex bison bc libelf-dev libssl-dev patch e2fsprogs liburing-dev
 
 .PHONY: all deps install guests hello linux linux-hello test fuzz bench debian-kernel \
 	debian-initramfs clean

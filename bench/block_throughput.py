@@ -83,13 +83,7 @@ def plain(fd, write, request, offsets):
 
 def through_the_ring(path, write, request, offsets, o_direct):
     memory = GuestMemory([Region(0, 64 << 20, 0)])
-    device = BlockDevice("block0", path)
-    if o_direct:
-        # The device opened the image itself; O_DIRECT is one of the flags
-        # F_SETFL may change on an open file.
-        flags = fcntl.fcntl(device.fd, fcntl.F_GETFL)
-        fcntl.fcntl(device.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        assert fcntl.fcntl(device.fd, fcntl.F_GETFL) & os.O_DIRECT
+    device = BlockDevice("block0", path, direct=o_direct)     # --block PATH,direct
     device.attach(DeviceContext(memory=memory, interrupt=lambda: None, report=print))
     ring = RingBuilder(memory, NUM, QUEUE_PFN)
     device.activate(0, [(NUM, QUEUE_PFN)])

@@ -17,6 +17,7 @@ struct pyl_blk {
 	int fd;
 	uint64_t capacity;		/* in 512-byte sectors */
 	int read_only;
+	int direct;			/* opened O_DIRECT: no page cache */
 	uint8_t id[PYL_BLK_ID_BYTES];	/* what GET_ID answers */
 	volatile int *abandon;		/* set: drop the request in flight */
 	uint64_t requests;		/* requests answered */

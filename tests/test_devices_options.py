@@ -24,15 +24,18 @@ def usage_error(call, *args):
 # --- --block
 
 @pytest.mark.parametrize("spec, expected", [
-    ("disk.img", ("disk.img", False)),
-    ("disk.img,ro", ("disk.img", True)),
-    ("/a/b c.img,ro", ("/a/b c.img", True)),
+    ("disk.img", ("disk.img", False, False)),
+    ("disk.img,ro", ("disk.img", True, False)),
+    ("/a/b c.img,ro", ("/a/b c.img", True, False)),
+    ("disk.img,direct", ("disk.img", False, True)),
+    ("disk.img,direct,ro", ("disk.img", True, True)),
 ])
 def test_parse_block(spec, expected):
     assert parse_block(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", ",ro", "disk.img,rw", "disk.img,ro,sync", "disk.img,"])
+@pytest.mark.parametrize("spec", ["", ",ro", "disk.img,rw", "disk.img,ro,sync", "disk.img,",
+                                  "disk.img,ro,ro"])
 def test_parse_block_errors(spec):
     assert "--block" in usage_error(parse_block, spec)
 

@@ -2,7 +2,7 @@
 
     pylguest run KERNEL [--initrd FILE] [--cmdline TEXT] [--mem SIZE]
                         [--timeout SECONDS] [--trace] [--decompress MODE]
-                        [--block PATH[,ro]]... [--net tap:NAME]... [--rng]
+                        [--block PATH[,ro][,direct]]... [--net tap:NAME]... [--rng]
                         [--console stdio|socket:PATH] [-- CMD [ARG...]]
     pylguest info
 
@@ -110,8 +110,9 @@ def build_parser():
     run.add_argument("--decompress", choices=("auto", "host", "guest"), default="auto",
                      help="who unpacks a compressed bzImage payload and initrd: the guest, or the host "
                           "(auto: host when KVM emulates guest kernel mode)")
-    run.add_argument("--block", action="append", default=[], metavar="PATH[,ro]",
-                     help="a raw disk image as a virtio block device (repeatable)")
+    run.add_argument("--block", action="append", default=[], metavar="PATH[,ro][,direct]",
+                     help="a raw disk image as a virtio block device (repeatable; direct: "
+                          "O_DIRECT, past the host's page cache)")
     run.add_argument("--net", action="append", default=[], metavar="tap:NAME[,mac=MAC]",
                      help="a virtio network device on tap interface NAME (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio entropy device (/dev/urandom)")

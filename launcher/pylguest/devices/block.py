@@ -109,16 +109,19 @@ class BlockDevice(VirtioDevice):
     queue_names = ("requests",)
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name, path, read_only=False, io_uring=True):
+    def __init__(self, name, path, read_only=False, io_uring=True, direct=False):
         """`io_uring`: let requests be in flight together when the host has
-        io_uring (False: one at a time, as the tests of both ways ask)."""
+        io_uring (False: one at a time, as the tests of both ways ask).
+        `direct`: open the image O_DIRECT, past the host's page cache (the
+        guest's buffers must then be 512-byte aligned, as Linux's are; an
+        unaligned request fails with IOERR)."""
         super().__init__(name)
         self.path = path
         self.read_only = read_only
         # A regular file or a host block device; a FIFO, a directory or a
         # character device is refused, without blocking (hostfiles.py).
-        self.fd = open_user_file(path, "--block", os.O_RDONLY if read_only else os.O_RDWR,
-                                 kinds=(REGULAR, BLOCK_DEVICE))
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | (os.O_DIRECT if direct else 0)
+        self.fd = open_user_file(path, "--block", flags, kinds=(REGULAR, BLOCK_DEVICE))
         try:
             # Two launchers writing one image would corrupt it: refuse.
             fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)

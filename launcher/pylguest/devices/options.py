@@ -1,6 +1,7 @@
 """From command-line device options to devices.
 
-    --block PATH[,ro]          repeatable: block0, block1, ...
+    --block PATH[,ro][,direct] repeatable: block0, block1, ...
+                               (direct: O_DIRECT, past the host's page cache)
     --net tap:NAME[,mac=MAC]   repeatable: net0, net1, ...
     --rng                      rng0
     --console stdio|socket:PATH   a virtio console (console0)
@@ -17,11 +18,12 @@ from pylguest.errors import UsageError
 
 
 def parse_block(spec):
+    """(path, read_only, direct) from PATH[,ro][,direct]."""
     path, *flags = spec.split(",")
-    unknown = [f for f in flags if f != "ro"]
-    if not path or unknown:
-        raise UsageError(f"bad --block {spec!r}: use PATH or PATH,ro")
-    return path, "ro" in flags
+    unknown = [f for f in flags if f not in ("ro", "direct")]
+    if not path or unknown or len(set(flags)) != len(flags):
+        raise UsageError(f"bad --block {spec!r}: use PATH, PATH,ro, PATH,direct or PATH,ro,direct")
+    return path, "ro" in flags, "direct" in flags
 
 
 def parse_net(spec, index):
@@ -65,8 +67,8 @@ def create_devices(config, console_output):
             devices.append(ConsoleDevice("console0", output))
         for i, spec in enumerate(config.block):
             from pylguest.devices.block import BlockDevice
-            path, read_only = parse_block(spec)
-            devices.append(BlockDevice(f"block{i}", path, read_only))
+            path, read_only, direct = parse_block(spec)
+            devices.append(BlockDevice(f"block{i}", path, read_only, direct=direct))
         for i, spec in enumerate(config.net):
             from pylguest.devices.net import NetDevice
             name, mac = parse_net(spec, i)
