@@ -26,7 +26,6 @@ O_DIRECT needs), which measures the disk instead.
 """
 
 import argparse
-import fcntl
 import mmap
 import os
 import tempfile

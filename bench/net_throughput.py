@@ -32,7 +32,6 @@ exits 0.
 """
 
 import argparse
-import fcntl
 import os
 import socket
 import struct
@@ -48,7 +47,6 @@ MAC = bytes.fromhex("525400abcdef")
 ETHERTYPE = 0x88B5
 VNET_HDR = bytes(10)               # legacy virtio_net_hdr, no offloads
 ROOM = 1514                        # a receive buffer's frame part: 1500 MTU + ethernet
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
 def frame(length):
@@ -56,17 +54,6 @@ def frame(length):
     head = bytes.fromhex("02000000beef") + bytes.fromhex("020000000001") \
         + struct.pack("!H", ETHERTYPE)
     return (head + bytes(i & 0xFF for i in range(length - len(head))))[:length]
-
-
-def interface_up(name):
-    disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-    if os.path.exists(disable_v6):
-        with open(disable_v6, "w") as f:
-            f.write("1")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH22x", name.encode(), 0)
-        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
 
 
 class Bench:
@@ -204,6 +191,7 @@ def main():
         print(f"net_throughput: skipped: {reason}")
         return 0
     from pylguest.errors import UsageError
+    from pylguest.virtio.testing import interface_up
     tap = f"pylb{os.getpid()}"[:15]
     frames = max(BATCH, args.frames // BATCH * BATCH)
     sizes = [int(s) for s in args.sizes.split(",")]

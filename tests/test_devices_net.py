@@ -7,8 +7,6 @@ traffic on the interface (IPv6 router solicitations...) is ignored.  Every
 wait is bounded.
 """
 
-import fcntl
-import os
 import select
 import socket
 import struct
@@ -21,6 +19,7 @@ from virtio_rig import DeviceRig
 from pylguest.devices import net
 from pylguest.devices.net import NetDevice, parse_mac
 from pylguest.errors import UsageError
+from pylguest.virtio.testing import interface_up
 
 RECEIVEQ, TRANSMITQ = 0, 1
 PFNS = [0x10, 0x13]
@@ -30,23 +29,11 @@ MAC = bytes.fromhex("525400abcdef")
 ETHERTYPE = 0x88B5                     # IEEE local experimental
 VNET_HDR = bytes(10)                   # legacy struct virtio_net_hdr, no offloads
 WAIT = 5.0
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
 def frame(payload, dst=b"\xff" * 6, src=bytes.fromhex("020000000001")):
     body = dst + src + struct.pack("!H", ETHERTYPE) + payload
     return body.ljust(60, b"\0")
-
-
-def interface_up(name):
-    disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-    if os.path.exists(disable_v6):
-        with open(disable_v6, "w") as f:
-            f.write("1")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sH22x", name.encode(), 0)
-        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
 
 
 @pytest.fixture

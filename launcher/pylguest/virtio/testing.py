@@ -8,6 +8,11 @@ the point: the device must survive them.  No /dev/kvm is involved; any
 `GuestMemory` will do.
 """
 
+import fcntl
+import os
+import socket
+import struct
+
 import numpy as np
 
 from pylguest.virtio.queue import (
@@ -151,3 +156,21 @@ def read_all(chain, memory):
     the driver put there.  (Device code never gathers a whole chain: it
     reads DescriptorChain.readable_pieces, a bounded piece at a time.)"""
     return b"".join(memory.read(b.gpa, b.length) for b in chain.readable)
+
+
+# -- The host's side of a tap, for the net tests and benchmarks.
+
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1   # <linux/sockios.h>, <net/if.h>
+
+
+def interface_up(name):
+    """Bring host interface `name` up (ip link set NAME up), with IPv6 off
+    so that the kernel's own router solicitations stay out of the frames."""
+    disable_v6 = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    if os.path.exists(disable_v6):
+        with open(disable_v6, "w") as f:
+            f.write("1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH22x", name.encode(), 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | IFF_UP))
