@@ -1,4 +1,3 @@
-// SPDX-License-Identifier: GPL-2.0
 /*
  * The virtio block request loop: pop a chain, parse the request, move its
  * data between the image file and guest memory, write the status byte,
@@ -76,7 +75,7 @@ static struct span span_at(const struct pyl_buffer *buf, uint32_t count,
 
 static inline int abandoned(const struct pyl_blk *blk)
 {
-	return blk->abandon && *blk->abandon;
+	return blk->abandon && READ_ONCE(*blk->abandon);
 }
 
 /*
@@ -92,24 +91,30 @@ static int parse(const struct pyl_chain *chain, struct request *req)
 	const struct pyl_buffer *last;
 	uint8_t header[HEADER_SIZE];
 
-	/* The ring's rules (2.7.4.2) put every writable byte after every
-	 * readable one, so the last writable byte is the last of all. */
+	/*
+	 * The ring's rules (2.7.4.2) put every writable byte after every
+	 * readable one, so the last writable byte is the last of all.
+	 */
 	if (chain->writable_len < 1)
 		return PYL_BLK_RULE_STATUS;
 	last = &writable[chain->nwritable - 1];
 	req->status = last->host + last->len - 1;
 
-	/* The header may be split over several buffers: a device must not
-	 * assume how a request is laid out in descriptors (2.7.4.1). */
+	/*
+	 * The header may be split over several buffers: a device must not
+	 * assume how a request is laid out in descriptors (2.7.4.1).
+	 */
 	if (chain->readable_len < HEADER_SIZE)
 		return PYL_BLK_RULE_HEADER;
 	pyl_chain_copy_out(chain, 0, header, HEADER_SIZE);
 	memcpy(&req->type, header, 4);
 	memcpy(&req->sector, header + 8, 8);
 
-	/* Which part is the data follows from the type (5.2.6): a write's
+	/*
+	 * Which part is the data follows from the type (5.2.6): a write's
 	 * comes after the header, readable; every other type's is the
-	 * writable room before the status byte. */
+	 * writable room before the status byte.
+	 */
 	if (req->type == VIRTIO_BLK_T_OUT) {
 		req->data = span_at(readable, chain->nreadable, HEADER_SIZE,
 				    chain->readable_len - HEADER_SIZE);
@@ -135,8 +140,10 @@ static int fault_status(const struct pyl_blk *blk, const struct request *req)
 	default:
 		return VIRTIO_BLK_S_UNSUPP;
 	}
-	/* 5.2.6.1: data in whole sectors, none beyond the capacity.  Written
-	 * so that a sector near 2^64 cannot wrap round. */
+	/*
+	 * 5.2.6.1: data in whole sectors, none beyond the capacity.  Written
+	 * so that a sector near 2^64 cannot wrap round.
+	 */
 	if (req->data.len % SECTOR_SIZE)
 		return VIRTIO_BLK_S_IOERR;
 	sectors = req->data.len / SECTOR_SIZE;
@@ -337,9 +344,11 @@ static int execute(struct pyl_blk *blk, struct request *req,
 #define SLOT_IOVS	64	/* buffers of one request sent to io_uring */
 
 struct slot {
-	/* The request as parsed; req.data points into the chain buffer, which
+	/*
+	 * The request as parsed; req.data points into the chain buffer, which
 	 * the next pop reuses: once submitted, only iov[] says where the
-	 * data is. */
+	 * data is.
+	 */
 	struct request req;
 	uint16_t head;
 	int done;		/* its status is known, and written */
@@ -386,8 +395,10 @@ void pyl_blk_stop(struct pyl_blk *blk)
 	blk->inflight = NULL;
 }
 
-/* The request's status is known: the status byte is written now, in the
- * order requests finish, as a device doing them one by one would. */
+/*
+ * The request's status is known: the status byte is written now, in the
+ * order requests finish, as a device doing them one by one would.
+ */
 static void finish(struct slot *slot, int status, uint64_t written)
 {
 	*slot->req.status = status;
@@ -665,8 +676,10 @@ static int shares_sectors(const struct pyl_blk_inflight *f,
 	return 0;
 }
 
-/* Take the next request into a free slot and start it; -1 when one was
- * taken, else why not (an enum pyl_blk_stop). */
+/*
+ * Take the next request into a free slot and start it; -1 when one was
+ * taken, else why not (an enum pyl_blk_stop).
+ */
 static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 		struct pyl_blk *blk, struct pyl_blk_outcome *out)
 {
@@ -681,8 +694,10 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 		return PYL_BLK_EMPTY;
 	if (abandoned(blk))
 		return PYL_BLK_ABANDONED;
-	/* Its header is read below: after any request in flight that
-	 * writes those bytes. */
+	/*
+	 * Its header is read below: after any request in flight that
+	 * writes those bytes.
+	 */
 	if (f->submitted && shares_memory(f, chain) && wait_all(blk) < 0)
 		return PYL_BLK_ABANDONED;
 	out->rule = parse(chain, &slot->req);

@@ -1,4 +1,3 @@
-/* SPDX-License-Identifier: GPL-2.0 */
 /* The virtio block request loop (blk.c): what Python gives it, what it says. */
 #ifndef PYL_BLK_H
 #define PYL_BLK_H
@@ -19,7 +18,7 @@ struct pyl_blk {
 	int read_only;
 	int direct;			/* opened O_DIRECT: no page cache */
 	uint8_t id[PYL_BLK_ID_BYTES];	/* what GET_ID answers */
-	volatile int *abandon;		/* set: drop the request in flight */
+	int *abandon;			/* set: drop the request in flight */
 	uint64_t requests;		/* requests answered */
 	uint64_t syscalls;		/* preadv/pwritev calls made */
 	uint64_t largest_syscall;	/* the most bytes one of them asked */

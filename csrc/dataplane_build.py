@@ -72,7 +72,7 @@ int pyl_vq_set_notification(struct pyl_vq *vq, int enabled);
 
 struct pyl_blk {
     int fd; uint64_t capacity; int read_only; uint8_t id[...];
-    volatile int *abandon;
+    int *abandon;
     uint64_t requests; uint64_t syscalls; uint64_t largest_syscall; uint64_t flushes;
     uint32_t most_in_flight;
     ...;
@@ -91,7 +91,7 @@ int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain, struct pyl_blk *bl
                   uint32_t limit, struct pyl_blk_outcome *out);
 
 struct pyl_net {
-    int tap; volatile int *abandon; uint8_t *bounce;
+    int tap; int *abandon; uint8_t *bounce;
     uint64_t sent; uint64_t dropped; uint64_t received; int read_errno;
 };
 enum pyl_net_stop { PYL_NET_DONE, PYL_NET_TAP_EMPTY, PYL_NET_STARVED, PYL_NET_RING_FAULT,

@@ -1,4 +1,3 @@
-// SPDX-License-Identifier: GPL-2.0
 /*
  * The virtio net frame loops, on a Linux tap opened with IFF_VNET_HDR.
  *
@@ -25,7 +24,7 @@
 
 static inline int abandoned(const struct pyl_net *net)
 {
-	return net->abandon && *net->abandon;
+	return net->abandon && READ_ONCE(*net->abandon);
 }
 
 static void buffers_to_iov(const struct pyl_buffer *buf, uint32_t count,
@@ -56,8 +55,10 @@ static void send_frame(struct pyl_net *net, const struct pyl_chain *chain)
 		pyl_chain_copy_out(chain, 0, net->bounce, chain->readable_len);
 		n = write(net->tap, net->bounce, chain->readable_len);
 	}
-	/* A tap that cannot take it (its queue is full, the link is down)
-	 * drops the frame, as a NIC would. */
+	/*
+	 * A tap that cannot take it (its queue is full, the link is down)
+	 * drops the frame, as a NIC would.
+	 */
 	if (n < 0)
 		net->dropped++;
 	else
@@ -78,8 +79,10 @@ int pyl_net_transmit(struct pyl_vq *vq, struct pyl_chain *chain,
 			return out->stop = PYL_NET_DONE;
 		if (abandoned(net))
 			return out->stop = PYL_NET_ABANDONED;
-		/* 5.1.6: the header, and at most a frame a driver that did
-		 * not negotiate GSO may send. */
+		/*
+		 * 5.1.6: the header, and at most a frame a driver that did
+		 * not negotiate GSO may send.
+		 */
 		if (chain->readable_len < PYL_VNET_HDR_SIZE ||
 		    chain->readable_len > PYL_MAX_FRAME) {
 			out->head = chain->head;
@@ -131,8 +134,10 @@ static int64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
 	}
 	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 		return -1;
-	/* The buffer goes back empty; the guest's driver counts it as an
-	 * rx error, as for a bad frame.  Python reports read_errno. */
+	/*
+	 * The buffer goes back empty; the guest's driver counts it as an
+	 * rx error, as for a bad frame.  Python reports read_errno.
+	 */
 	if (n < 0)
 		net->read_errno = errno;
 	return 0;
@@ -156,8 +161,10 @@ int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 		int got = pyl_vq_peek(vq, chain);
 
 		if (got <= 0) {
-			/* No buffer, or a broken one: it matters only if a
-			 * frame is waiting for it. */
+			/*
+			 * No buffer, or a broken one: it matters only if a
+			 * frame is waiting for it.
+			 */
 			if (!tap_has_frame(net->tap))
 				return out->stop = PYL_NET_TAP_EMPTY;
 			got = pyl_vq_pop_with_notify(vq, chain);

@@ -1,4 +1,3 @@
-/* SPDX-License-Identifier: GPL-2.0 */
 /* The virtio net frame loops (net.c): what Python gives them, what they say. */
 #ifndef PYL_NET_H
 #define PYL_NET_H
@@ -8,13 +7,15 @@
 #include "virtq.h"
 
 #define PYL_VNET_HDR_SIZE	10	/* legacy virtio_net_hdr, no MRG_RXBUF */
-/* The header, then an ethernet frame of up to a 65535-byte packet behind a
- * 14-byte header and a 4-byte VLAN tag. */
+/*
+ * The header, then an ethernet frame of up to a 65535-byte packet behind a
+ * 14-byte header and a 4-byte VLAN tag.
+ */
 #define PYL_MAX_FRAME		(PYL_VNET_HDR_SIZE + 14 + 4 + 65535)
 
 struct pyl_net {
 	int tap;			/* non-blocking, keeps frame boundaries */
-	volatile int *abandon;		/* set: drop the frame in flight */
+	int *abandon;			/* set: drop the frame in flight */
 	uint8_t *bounce;		/* PYL_MAX_FRAME bytes */
 	uint64_t sent;
 	uint64_t dropped;		/* transmit failed: a link that is down */

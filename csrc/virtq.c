@@ -1,4 +1,3 @@
-// SPDX-License-Identifier: GPL-2.0
 /*
  * A tour of the device half of a split virtqueue (virtio 1.x, 2.7).
  *
@@ -51,10 +50,10 @@
 #define U32_MAX			0xffffffffULL
 
 /*
- * Loads and stores of guest memory go through volatile pointers, so the
- * compiler reads each field exactly where the code says, once.  On x86
- * the CPU keeps loads in order with loads and stores with stores; the
- * one reordering it does (a load passing an earlier store) is what
+ * Loads and stores of guest memory are READ_ONCE and WRITE_ONCE
+ * (virtq.h), so the compiler does each exactly where the code says, once.
+ * On x86 the CPU keeps loads in order with loads and stores with stores;
+ * the one reordering it does (a load passing an earlier store) is what
  * full_barrier() is for.
  */
 static inline void full_barrier(void)
@@ -81,8 +80,10 @@ uint8_t *pyl_guest_range(const struct pyl_memory *memory, uint64_t gpa,
 	for (i = 0; i < memory->nregions; i++) {
 		const struct pyl_region *r = &memory->region[i];
 
-		/* Written so that nothing can overflow: gpa - r->gpa is only
-		 * taken once gpa >= r->gpa. */
+		/*
+		 * Written so that nothing can overflow: gpa - r->gpa is only
+		 * taken once gpa >= r->gpa.
+		 */
 		if (gpa >= r->gpa && len <= r->size &&
 		    gpa - r->gpa <= r->size - len)
 			return r->host + (gpa - r->gpa);
@@ -101,8 +102,10 @@ static int refuse(struct pyl_vq *vq, int rule)
 	return -1;
 }
 
-/* Where the parts of a ring are (2.7.2, legacy layout), and the checks
- * that the whole block lies in guest memory. */
+/*
+ * Where the parts of a ring are (2.7.2, legacy layout), and the checks
+ * that the whole block lies in guest memory.
+ */
 int pyl_vq_init(struct pyl_vq *vq, const struct pyl_memory *memory,
 		uint32_t num, uint64_t pfn, int event_idx, int indirect)
 {
@@ -134,11 +137,11 @@ int pyl_vq_init(struct pyl_vq *vq, const struct pyl_memory *memory,
 		return refuse(vq, PYL_RULE_RING_MEMORY);
 
 	vq->num = num;
-	vq->desc = (volatile struct pyl_vring_desc *)host;
-	vq->avail = (volatile uint16_t *)(host + avail);
-	vq->used = (volatile uint16_t *)(host + used);
-	vq->used_ring = (volatile struct pyl_vring_used_elem *)(host + used + 4);
-	vq->avail_event = (volatile uint16_t *)(host + used + 4 + 8 * num);
+	vq->desc = (struct pyl_vring_desc *)host;
+	vq->avail = (uint16_t *)(host + avail);
+	vq->used = (uint16_t *)(host + used);
+	vq->used_ring = (struct pyl_vring_used_elem *)(host + used + 4);
+	vq->avail_event = (uint16_t *)(host + used + 4 + 8 * num);
 	pyl_vq_reset(vq);
 	return 0;
 }
@@ -159,7 +162,7 @@ void pyl_vq_reset(struct pyl_vq *vq)
 /* How many available entries we have not popped yet, or -1. */
 int pyl_vq_pending(struct pyl_vq *vq)
 {
-	uint16_t avail_idx = vq->avail[1];
+	uint16_t avail_idx = READ_ONCE(vq->avail[1]);
 	uint16_t count = avail_idx - vq->last_avail_idx;
 
 	/*
@@ -189,8 +192,10 @@ static int check_indirect(struct pyl_vq *vq, uint64_t addr, uint32_t len,
 		return refuse(vq, PYL_RULE_INDIRECT_NEXT);
 	if (len == 0 || len % DESC_SIZE)
 		return refuse(vq, PYL_RULE_INDIRECT_SIZE);
-	/* Our own bound, so one table cannot make us walk millions of
-	 * entries; Linux never builds a table this large. */
+	/*
+	 * Our own bound, so one table cannot make us walk millions of
+	 * entries; Linux never builds a table this large.
+	 */
 	if (len / DESC_SIZE > PYL_MAX_QUEUE_SIZE)
 		return refuse(vq, PYL_RULE_INDIRECT_BOUND);
 	if (!pyl_guest_range(vq->memory, addr, len))
@@ -210,8 +215,10 @@ static int add_buffer(struct pyl_vq *vq, struct pyl_chain *chain,
 	host = pyl_guest_range(vq->memory, addr, len);
 	if (!host)
 		return refuse(vq, PYL_RULE_MEMORY);
-	/* The walk visits at most capacity descriptors (the TTL below),
-	 * so this cannot fill; the check keeps it so if the TTL changes. */
+	/*
+	 * The walk visits at most capacity descriptors (the TTL below),
+	 * so this cannot fill; the check keeps it so if the TTL changes.
+	 */
 	if (chain->nreadable + chain->nwritable >= chain->capacity)
 		return refuse(vq, PYL_RULE_LOOP);
 	buf = &chain->bufs[chain->nreadable + chain->nwritable];
@@ -225,7 +232,7 @@ static int add_buffer(struct pyl_vq *vq, struct pyl_chain *chain,
 static int walk_chain(struct pyl_vq *vq, uint16_t head,
 		      struct pyl_chain *chain)
 {
-	volatile struct pyl_vring_desc *table = vq->desc;
+	struct pyl_vring_desc *table = vq->desc;
 	uint32_t table_size = vq->num, ttl = vq->num, index = head;
 	int in_indirect = 0, seen_writable = 0;
 	struct pyl_ring_fault *fault = &vq->fault;
@@ -258,16 +265,15 @@ static int walk_chain(struct pyl_vq *vq, uint16_t head,
 			return refuse(vq, PYL_RULE_LOOP);
 		ttl--;
 		/* Read the descriptor once; from here on only the copies. */
-		addr = table[index].addr;
-		len = table[index].len;
-		flags = table[index].flags;
-		next = table[index].next;
-		compiler_barrier();
+		addr = READ_ONCE(table[index].addr);
+		len = READ_ONCE(table[index].len);
+		flags = READ_ONCE(table[index].flags);
+		next = READ_ONCE(table[index].next);
 
 		if (flags & VRING_DESC_F_INDIRECT) {
 			if (check_indirect(vq, addr, len, flags, in_indirect))
 				return -1;
-			table = (volatile struct pyl_vring_desc *)
+			table = (struct pyl_vring_desc *)
 				pyl_guest_range(vq->memory, addr, len);
 			table_size = len / DESC_SIZE;
 			ttl = table_size;
@@ -331,7 +337,8 @@ int pyl_vq_peek(struct pyl_vq *vq, struct pyl_chain *chain)
 	 * must not reorder them either.
 	 */
 	compiler_barrier();
-	if (walk_chain(vq, vq->avail[2 + vq->last_avail_idx % vq->num], chain))
+	if (walk_chain(vq, READ_ONCE(vq->avail[2 + vq->last_avail_idx % vq->num]),
+		       chain))
 		return -1;
 	return 1;
 }
@@ -359,14 +366,14 @@ int pyl_vq_pop(struct pyl_vq *vq, struct pyl_chain *chain)
  */
 void pyl_vq_push(struct pyl_vq *vq, uint16_t head, uint32_t len)
 {
-	volatile struct pyl_vring_used_elem *elem;
+	struct pyl_vring_used_elem *elem;
 
 	elem = &vq->used_ring[vq->used_idx % vq->num];
-	elem->id = head;
-	elem->len = len;
+	WRITE_ONCE(elem->id, head);
+	WRITE_ONCE(elem->len, len);
 	compiler_barrier();
 	vq->used_idx++;
-	vq->used[1] = vq->used_idx;
+	WRITE_ONCE(vq->used[1], vq->used_idx);
 }
 
 /*
@@ -400,8 +407,9 @@ int pyl_vq_needs_interrupt(struct pyl_vq *vq)
 	 */
 	full_barrier();
 	if (vq->event_idx)
-		return vring_need_event(vq->avail[2 + vq->num], new, old);
-	return !(vq->avail[0] & VRING_AVAIL_F_NO_INTERRUPT);
+		return vring_need_event(READ_ONCE(vq->avail[2 + vq->num]), new,
+					old);
+	return !(READ_ONCE(vq->avail[0]) & VRING_AVAIL_F_NO_INTERRUPT);
 }
 
 /*
@@ -424,15 +432,21 @@ int pyl_vq_set_notification(struct pyl_vq *vq, int enabled)
 	vq->notify_enabled = enabled;
 	if (vq->event_idx) {
 		if (enabled)
-			*vq->avail_event = vq->last_avail_idx;
-	} else if (enabled) {
-		vq->used[0] &= ~VRING_USED_F_NO_NOTIFY;
+			WRITE_ONCE(*vq->avail_event, vq->last_avail_idx);
 	} else {
-		vq->used[0] |= VRING_USED_F_NO_NOTIFY;
+		uint16_t flags = READ_ONCE(vq->used[0]);
+
+		if (enabled)
+			flags &= ~VRING_USED_F_NO_NOTIFY;
+		else
+			flags |= VRING_USED_F_NO_NOTIFY;
+		WRITE_ONCE(vq->used[0], flags);
 	}
 	if (enabled)
-		/* Our store must be visible before we read avail.idx: the
-		 * mirror of the driver's "write idx, barrier, read flags". */
+		/*
+		 * Our store must be visible before we read avail.idx: the
+		 * mirror of the driver's "write idx, barrier, read flags".
+		 */
 		full_barrier();
 	pending = pyl_vq_pending(vq);
 	return pending < 0 ? -1 : pending > 0;
@@ -460,8 +474,10 @@ int pyl_vq_pop_with_notify(struct pyl_vq *vq, struct pyl_chain *chain)
 	return got;
 }
 
-/* Take the chain pyl_vq_peek() found, as pyl_vq_pop_with_notify() would
- * have: kicks off while there is work. */
+/*
+ * Take the chain pyl_vq_peek() found, as pyl_vq_pop_with_notify() would
+ * have: kicks off while there is work.
+ */
 void pyl_vq_consume(struct pyl_vq *vq)
 {
 	vq->last_avail_idx++;

@@ -1,4 +1,3 @@
-/* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The device half of a legacy split virtqueue, in C: the one
  * implementation of the ring's rules that every pylguest device uses.
@@ -99,8 +98,13 @@ struct pyl_chain {
 /*
  * The legacy ring layout (virtio 2.7.2), as the guest lays it out.
  * These are views of guest memory: every field is the guest's to change
- * at any moment, so each is read once, into a local, and then checked.
+ * at any moment, so each is read once, with READ_ONCE, into a local, and
+ * then checked; our stores are WRITE_ONCE, so the compiler neither tears,
+ * repeats nor drops them.
  */
+#define READ_ONCE(x)		__atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define WRITE_ONCE(x, v)	__atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
 struct pyl_vring_desc {
 	uint64_t addr;
 	uint32_t len;
@@ -117,11 +121,11 @@ struct pyl_vring_used_elem {
 struct pyl_vq {
 	const struct pyl_memory *memory;
 	uint32_t num;
-	volatile struct pyl_vring_desc *desc;
-	volatile uint16_t *avail;	/* flags, idx, ring[num], used_event */
-	volatile uint16_t *used;	/* flags, idx, then the elements */
-	volatile struct pyl_vring_used_elem *used_ring;
-	volatile uint16_t *avail_event;
+	struct pyl_vring_desc *desc;
+	uint16_t *avail;		/* flags, idx, ring[num], used_event */
+	uint16_t *used;			/* flags, idx, then the elements */
+	struct pyl_vring_used_elem *used_ring;
+	uint16_t *avail_event;
 	uint16_t last_avail_idx;	/* available entries consumed (u16) */
 	uint16_t used_idx;		/* used entries published (u16) */
 	uint16_t signalled_used;	/* used_idx when we last decided on an irq */
