@@ -30,6 +30,7 @@ NOT_NEEDED = (
     "subprocess",                          # pylguest.Guest's
     "socket",                              # the socket console's
     "shutil", "bz2", "lzma", "zlib",       # argparse's default formatter; the decompressors
+    "dataclasses", "inspect",              # value types are NamedTuples: no class-building exec
     "pylguest.guest",
     "pylguest.boot.bzimage",
     "pylguest.boot.decompress",

@@ -20,7 +20,7 @@ a KVM that refuses) releases everything it had opened -- KVM, memory,
 threads, image locks -- before the error reaches the caller.
 """
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pylguest import layout, stop
 from pylguest.boot import cmdline, loader
@@ -53,8 +53,7 @@ EMULATING_KVM_NOTICE = (
     "needs about 15-30 s here to reach user space (under a second on hardware KVM)")
 
 
-@dataclass
-class MachineConfig:
+class MachineConfig(NamedTuple):
     """Everything `pylguest run` can be asked for."""
     kernel: str
     initrd: str = None
@@ -65,8 +64,8 @@ class MachineConfig:
     stats: bool = False                # print exit counts when the run ends
     decompress: str = "auto"           # "auto", "host" or "guest"
     input_fd: int = None               # where console input comes from (None: none)
-    block: list = field(default_factory=list)     # "PATH[,ro]" each
-    net: list = field(default_factory=list)       # "tap:NAME[,mac=...]" each
+    block: tuple = ()                  # "PATH[,ro][,direct]" each
+    net: tuple = ()                    # "tap:NAME[,mac=...]" each
     rng: bool = False
     console: str = None                # None, "stdio" or "socket:PATH"
     command: list = None               # `-- CMD ARG...`: run by the initramfs's init

@@ -21,7 +21,7 @@ guest that never uses a device never pays numpy's import (about 60% of
 """
 
 import mmap
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest._kvm import ffi
 from pylguest.errors import GuestMemoryError
@@ -30,8 +30,7 @@ PAGE_SIZE = 4096
 GiB = 1 << 30
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     """A guest-physical range backed by [host_offset, +size) of our mmap."""
     gpa: int
     size: int

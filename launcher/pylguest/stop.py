@@ -11,8 +11,7 @@ knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 
 import re
 import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 EXIT_OK = 0
 EXIT_LAUNCHER_ERROR = 1        # KVM refused something, an unhandled exit
@@ -23,8 +22,7 @@ EXIT_GUEST_CRASH = 125         # triple fault or kernel panic: the guest could n
 EXIT_SIGNAL_BASE = 128         # + the signal number, as a shell reports it
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):
     """The end of a run: the exit status and a phrase saying why."""
     status: int
     reason: str                # "shutdown", "reboot", "i8042 reset", ...

@@ -26,7 +26,7 @@ XLF_KERNEL_64 bit in xloadflags (the kernel has an entry at load address +
 """
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest.errors import BootError
 
@@ -65,8 +65,7 @@ _FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The fields of the setup header a loader needs, and the header itself."""
     setup_sects: int           # real-mode sectors after the boot sector (0 already turned into 4)
     version: int               # boot protocol, e.g. 0x020F for 2.15
@@ -88,8 +87,7 @@ class SetupHeader:
         return f"{self.version >> 8}.{self.version & 0xFF:02d}"
 
 
-@dataclass(frozen=True)
-class BzImage:
+class BzImage(NamedTuple):
     """A parsed bzImage: its header, and the part that goes to 1 MiB."""
     name: str
     header: SetupHeader

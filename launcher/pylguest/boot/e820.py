@@ -7,7 +7,7 @@ The device page and the vrings are listed as reserved, so the guest's
 allocator never hands them out.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest import layout
 
@@ -16,8 +16,7 @@ E820_RESERVED = 2
 E820_MAX_ENTRIES = 128             # the size of boot_params.e820_table
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: int

@@ -24,7 +24,7 @@ wrap around the top of the address space.
 """
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest.errors import BootError
 
@@ -41,16 +41,14 @@ ELF64_PHDR = struct.Struct("<IIQQQQQQ")              # p_type .. p_align: 56 byt
 ADDRESS_SPACE = 1 << 64
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One PT_LOAD: `data` goes to physical `paddr`, zeros up to `memsz`."""
     paddr: int
     data: bytes
     memsz: int
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     entry: int                      # e_entry: the first instruction (physical here)
     segments: tuple[Segment, ...]   # the PT_LOADs, in file order
 

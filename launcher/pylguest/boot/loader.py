@@ -17,7 +17,7 @@ header, the command line and the e820 map, and an initrd below the highest
 address the kernel says it can reach.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest import layout
 from pylguest.boot import bootparams
@@ -27,8 +27,7 @@ from pylguest.errors import BootError, GuestMemoryError
 PAGE = 4096
 
 
-@dataclass(frozen=True)
-class LoadedKernel:
+class LoadedKernel(NamedTuple):
     """What the loader did with a kernel image."""
     entry: int                 # where the vCPU starts
     kind: str                  # a phrase for `--trace` and `info`

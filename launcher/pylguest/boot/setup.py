@@ -15,8 +15,7 @@ The memory map (layout.py) says where each of these lives.
 """
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from pylguest import layout
 from pylguest._kvm import ffi
@@ -27,8 +26,7 @@ from pylguest.boot.mptable import MPTABLE_ADDR, build_mptable
 from pylguest.errors import UsageError
 
 
-@dataclass(frozen=True)
-class BootSetup:
+class BootSetup(NamedTuple):
     kernel: LoadedKernel
     cmdline: bytes                          # as the kernel reads it, without the NUL
     initrd: Optional[Tuple[int, int]]       # (address, size) where it was loaded

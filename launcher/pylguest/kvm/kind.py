@@ -15,14 +15,13 @@ If neither settles it, the kind is "unknown" and we say so.
 """
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HARDWARE_MODULES = {"kvm_intel": "Intel VT-x", "kvm_amd": "AMD-V"}
 EMULATING_MODULES = {"kvm_pvm": "PVM: guest kernel mode emulated in software"}
 
 
-@dataclass(frozen=True)
-class KvmKind:
+class KvmKind(NamedTuple):
     kind: str        # "hardware", "emulating" or "unknown"
     module: str      # the vendor module that provides /dev/kvm, or ""
     evidence: str    # one sentence a person can check

@@ -22,7 +22,7 @@ the guest writes there is never read.
 """
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PAGE_SIZE = 4096
 DESC_FORMAT = "<BBBBB"             # type, num_vq, feature_len, config_len, status
@@ -33,15 +33,13 @@ FEATURE_LEN = 4                    # 32 feature bits: enough for EVENT_IDX (29)
 STATUS_OFFSET = 4                  # of the status byte inside the descriptor
 
 
-@dataclass(frozen=True)
-class VqConfig:
+class VqConfig(NamedTuple):
     num: int
     irq: int
     pfn: int
 
 
-@dataclass(frozen=True)
-class DeviceSlot:
+class DeviceSlot(NamedTuple):
     """The launcher's own copy of one device's descriptor, and where it is."""
     offset: int                    # from the start of the device page
     type: int

@@ -11,8 +11,7 @@ answers only the ports nobody claims, and a device that can let C answer
 some of its own registers (the UART) gets the table through attach_fast().
 """
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pylguest.fastpath import FastPath
 from pylguest.stop import ExitResult
@@ -26,8 +25,7 @@ class PortDevice(Protocol):
     def io_out(self, offset: int, value: int) -> ExitResult: ...
 
 
-@dataclass(frozen=True)
-class PortRange:
+class PortRange(NamedTuple):
     base: int
     count: int
     name: str

@@ -42,8 +42,7 @@ import enum
 import os
 import select
 import threading
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from pylguest._dataplane import ffi
 from pylguest.errors import GuestError
@@ -84,8 +83,7 @@ class AbandonFlag:
         return bool(self.c[0])
 
 
-@dataclass(frozen=True)
-class DeviceContext:
+class DeviceContext(NamedTuple):
     """What a transport gives a device when it attaches it: all a device
     knows of the machine it is in."""
     memory: GuestMemory

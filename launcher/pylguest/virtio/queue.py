@@ -25,7 +25,7 @@ Threads.  One Virtqueue is driven by one thread at a time (its device's
 backend, holding the device's lock); nothing here locks.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pylguest._dataplane import ffi, lib
 from pylguest.errors import GuestError, Rule
@@ -112,15 +112,13 @@ def vring_addresses(gpa, num, align=LGUEST_VRING_ALIGN):
 
 # --- What pop() hands to device code.
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
+class Buffer(NamedTuple):
     """A guest buffer [gpa, gpa + length), checked to lie in guest memory."""
     gpa: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class DescriptorChain:
+class DescriptorChain(NamedTuple):
     """One request from the guest, parsed and validated (2.7.4 message framing).
 
     `head` is the descriptor index to give back in the used ring; the
