@@ -257,6 +257,7 @@ class Machine:
         safe: device threads stop (a second in all, LguestBus.close) before
         the memory they use goes; a stopping console gets a second to drain.
         Safe on a machine whose construction stopped half-way, and twice."""
+        stuck = []
         if self.bus is not None:
             stuck = self.bus.close()              # closes the devices too
             if stuck and self.tracer:
@@ -268,6 +269,11 @@ class Machine:
         if self.socket_console:
             self.socket_console.close()
             self.socket_console = None
+        if stuck:
+            # A device thread still in a system call may still write into
+            # guest memory (C holds plain pointers to it): leave it mapped
+            # for the process's exit to take, rather than fault that thread.
+            self.memory = None
         for part in ("console", "guest_errors", "vcpu", "memory", "vm", "kvm"):
             thing = getattr(self, part)
             if thing is not None:
