@@ -65,6 +65,7 @@ bench: install guests
 	$(PYTHON) bench/block_throughput.py --o-direct --random-requests 16384
 	$(PYTHON) bench/net_throughput.py
 	$(PYTHON) bench/disk_parallelism.py
+	$(PYTHON) bench/linux_boot.py
 
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:
