@@ -6,7 +6,6 @@ the error names (its RingRule, not its wording) and that the message names
 the queue, then the good paths.
 """
 
-import os
 
 import pytest
 from virtio_model import need_event
@@ -320,21 +319,6 @@ def test_write_scatters_and_stops_at_writable_len(ring, queue, memory):
     assert got == data[:15]
     assert chain.write(memory, b"ab") == 2          # a short write fills the start
     assert memory.read(bufs[0], 3) == b"ab" + data[2:3]
-
-
-def test_views_work_with_readv_and_writev(ring, queue, memory):
-    src = [ring.buffer(b"guest "), ring.buffer(b"to host")]
-    dst = [ring.buffer(size=4), ring.buffer(size=10)]
-    ring.add_chain([(a, n, False) for a, n in src] + [(a, n, True) for a, n in dst])
-    chain = queue.pop()
-    rfd, wfd = os.pipe()
-    try:
-        assert os.writev(wfd, chain.readable_views(memory)) == 13
-        assert os.readv(rfd, chain.writable_views(memory)) == 13
-    finally:
-        os.close(rfd)
-        os.close(wfd)
-    assert memory.read(dst[0][0], 4) + memory.read(dst[1][0], 9) == b"guest to host"
 
 
 # --- The used ring and interrupts.

@@ -132,14 +132,6 @@ class DescriptorChain(NamedTuple):
     readable_len: int
     writable_len: int
 
-    def readable_views(self, memory):
-        """numpy uint8 views of the readable buffers (for os.pwritev)."""
-        return [memory.view(b.gpa, b.length) for b in self.readable]
-
-    def writable_views(self, memory):
-        """numpy uint8 views of the writable buffers (for os.preadv)."""
-        return [memory.view(b.gpa, b.length) for b in self.writable]
-
     def readable_pieces(self, memory, size):
         """The readable part of the chain, in order, as bytes objects of
         `size` bytes (the last one shorter): a device copying guest data out
@@ -174,17 +166,6 @@ class DescriptorChain(NamedTuple):
             memory.write(buf.gpa, data[done:done + n])
             done += n
         return done
-
-
-def slice_buffers(buffers, start, end):
-    """The byte range [start, end) of a list of buffers, as buffers."""
-    out, position = [], 0
-    for buf in buffers:
-        lo, hi = max(start, position), min(end, position + buf.length)
-        if lo < hi:
-            out.append(Buffer(buf.gpa + lo - position, hi - lo))
-        position += buf.length
-    return tuple(out)
 
 
 # --- The queue.
