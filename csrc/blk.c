@@ -657,13 +657,17 @@ static int shares_memory(const struct pyl_blk_inflight *f,
 	return 0;
 }
 
-static int shares_sectors(const struct pyl_blk_inflight *f,
+static int shares_sectors(const struct pyl_blk *blk,
 			  const struct request *req)
 {
+	const struct pyl_blk_inflight *f = blk->inflight;
 	int write = req->type == VIRTIO_BLK_T_OUT;
 	uint32_t k;
 
-	if (req->type != VIRTIO_BLK_T_IN && !write)
+	/* Only a read or write that passed its checks moves data (and its
+	 * sector range cannot wrap). */
+	if ((req->type != VIRTIO_BLK_T_IN && !write) ||
+	    fault_status(blk, req) >= 0)
 		return 0;
 	for (k = 0; k < f->count; k++) {
 		const struct slot *slot = &f->slot[(f->first + k) % DEPTH];
@@ -706,7 +710,8 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 		out->readable_len = chain->readable_len;
 		return PYL_BLK_REQUEST_FAULT;
 	}
-	if (f->submitted && shares_sectors(f, &slot->req) && wait_all(blk) < 0)
+	if (f->submitted && shares_sectors(blk, &slot->req) &&
+	    wait_all(blk) < 0)
 		return PYL_BLK_ABANDONED;
 	slot->head = chain->head;
 	slot->niov = 0;

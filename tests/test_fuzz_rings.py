@@ -989,7 +989,10 @@ def net_device():
     """A NetDevice on one end of a SOCK_SEQPACKET pair (which keeps frame
     boundaries, as a tap does); the other end."""
     device_end, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)   # room for FRAMES
+    # Room for FRAMES each way: the device's end is non-blocking (net.c
+    # never waits), and a full one would drop frames the model has sent.
+    for end in (device_end, peer):
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     return NetDevice("net0", "fuzz0", MAC, tap_fd=device_end.detach()), peer
 
 
