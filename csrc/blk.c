@@ -328,8 +328,10 @@ static int execute(struct pyl_blk *blk, struct request *req,
  *
  * A disk does several things at once (a real one, or the host's page
  * cache on several CPUs), and the guest may have many requests queued, so
- * reads and writes that fit in one system call go to io_uring and are in
- * flight together, up to DEPTH of them.  Each taken request has a slot;
+ * reads and writes that wait for the disk, and fit in one system call, go
+ * to io_uring and are in flight together, up to DEPTH of them; what the
+ * page cache has is done at once (try_at_once, and writes to a file that
+ * is not O_DIRECT).  Each taken request has a slot;
  * slots are used, and their requests published in the used ring, in the
  * order the guest made them: a completion that comes early waits for
  * those before it.  (The spec would let us publish out of order; doing it
@@ -338,7 +340,8 @@ static int execute(struct pyl_blk *blk, struct request *req,
  * -- a fault, GET_ID, a request too big for one call, every request when
  * io_uring is not available -- is done at once, in its slot.  A flush
  * first waits for every request in flight: "the writes before it" must be
- * written before fdatasync can make them durable.
+ * written before fdatasync can make them durable; and so does a request
+ * that shares bytes with one in flight (the hazards, below).
  */
 #define DEPTH		32	/* requests in flight at most */
 #define SLOT_IOVS	64	/* buffers of one request sent to io_uring */
