@@ -91,6 +91,36 @@ def test_an_ioctl_error_carries_its_name_and_errno():
     assert str(error) == f"KVM_RUN failed: {os.strerror(errno.EFAULT)} (errno {errno.EFAULT})"
 
 
+def interrupting_lib(errors):
+    """A stand-in for the cffi lib whose ioctls fail with `errors` in turn
+    (then succeed, returning 7); the calls it saw."""
+    calls = []
+
+    def pyl_ioctl_val(fd, request, arg):
+        calls.append(request)
+        if len(calls) <= len(errors):
+            ffi.errno = errors[len(calls) - 1]
+            return -1
+        return 7
+    return SimpleNamespace(KVM_CREATE_VM=lib.KVM_CREATE_VM, pyl_ioctl_val=pyl_ioctl_val), calls
+
+
+def test_an_interrupted_ioctl_is_asked_again(monkeypatch):
+    from pylguest.kvm import ioctl as ioctl_module
+    fake, calls = interrupting_lib([errno.EINTR, errno.EINTR])
+    monkeypatch.setattr(ioctl_module, "lib", fake)
+    assert ioctl(3, "KVM_CREATE_VM", 0) == 7 and len(calls) == 3
+
+
+def test_an_ioctl_that_fails_otherwise_is_not(monkeypatch):
+    from pylguest.kvm import ioctl as ioctl_module
+    fake, calls = interrupting_lib([errno.EINTR, errno.ENOMEM])
+    monkeypatch.setattr(ioctl_module, "lib", fake)
+    with pytest.raises(KvmError) as info:
+        ioctl(3, "KVM_CREATE_VM", 0)
+    assert info.value.errno == errno.ENOMEM and len(calls) == 2
+
+
 def test_missing_device_is_a_clear_error(tmp_path):
     with pytest.raises(KvmError) as info:
         Kvm(str(tmp_path / "no-kvm"))

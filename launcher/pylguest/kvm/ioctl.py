@@ -7,6 +7,7 @@ the ioctl's name and the system's explanation, so a reader of the error
 knows exactly which request the kernel refused.
 """
 
+import errno
 import os
 
 from pylguest._kvm import ffi, lib
@@ -21,18 +22,24 @@ def request_number(name):
 def ioctl(fd, name, arg=None):
     """Issue ioctl `name` on `fd`; `arg` is a cffi pointer, an int or None.
 
-    Returns the ioctl's non-negative result.
+    Returns the ioctl's non-negative result.  A signal that interrupts one
+    (EINTR: KVM_CREATE_VM takes long enough on an emulating KVM to be hit)
+    means ask again, as Python does for its own system calls (PEP 475);
+    Python's handler for the signal runs in between.  KVM_RUN is not
+    issued here: its EINTR is a stop request (kvm/vcpu.py).
     """
     request = request_number(name)
-    if arg is None:
-        result = lib.pyl_ioctl_val(fd, request, 0)
-    elif isinstance(arg, int):
-        result = lib.pyl_ioctl_val(fd, request, arg)
-    else:
-        result = lib.pyl_ioctl(fd, request, arg)
-    if result < 0:
-        raise ioctl_error(name)
-    return result
+    while True:
+        if arg is None:
+            result = lib.pyl_ioctl_val(fd, request, 0)
+        elif isinstance(arg, int):
+            result = lib.pyl_ioctl_val(fd, request, arg)
+        else:
+            result = lib.pyl_ioctl(fd, request, arg)
+        if result >= 0:
+            return result
+        if ffi.errno != errno.EINTR:
+            raise ioctl_error(name)
 
 
 def ioctl_error(name, err=None):
