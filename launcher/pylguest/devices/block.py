@@ -138,6 +138,7 @@ class BlockDevice(VirtioDevice):
         # What blk.c is given: the disk, and the id GET_ID answers.
         self._c = ffi.new("struct pyl_blk *")
         self._c.fd, self._c.capacity, self._c.read_only = self.fd, self.capacity, read_only
+        self._c.abandon = self.abandon.c              # the device's one flag, for good
         ident = name.encode()[:VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._c.id, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"), VIRTIO_BLK_ID_BYTES)
         self._outcome = ffi.new("struct pyl_blk_outcome *")
@@ -158,10 +159,6 @@ class BlockDevice(VirtioDevice):
         # geometry (u16 cylinders, u8 heads, u8 sectors), blk_size u32.
         return struct.pack("<QIIHBBI", self.capacity, 0, 0, 0, 0, 0, SECTOR_SIZE)
 
-    def activate(self, guest_features, rings):
-        super().activate(guest_features, rings)
-        self._c.abandon = self.abandon.c
-
     def process(self, index, vq):
         """Drain the ring in C; with --trace, one request per call, so each
         is traced as it is answered."""
@@ -177,7 +174,7 @@ class BlockDevice(VirtioDevice):
             if out.stop != lib.PYL_BLK_LIMIT:
                 break
         if out.stop == lib.PYL_BLK_RING_FAULT:
-            raise vq._error()
+            raise vq.fault()
         if out.stop == lib.PYL_BLK_REQUEST_FAULT:
             raise _request_error(vq.name, out)
         if out.stop == lib.PYL_BLK_ABANDONED:

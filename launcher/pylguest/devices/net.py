@@ -123,6 +123,7 @@ class NetDevice(VirtioDevice):
         self._bounce = _dataplane.ffi.new("uint8_t[]", MAX_FRAME)
         self._c = _dataplane.ffi.new("struct pyl_net *")
         self._c.tap, self._c.bounce = self.tap, self._bounce
+        self._c.abandon = self.abandon.c              # the device's one flag, for good
         self._outcome = _dataplane.ffi.new("struct pyl_net_outcome *")
         self._rx_thread = threading.Thread(target=self._receive_loop, daemon=True,
                                            name=f"pylguest {name}/tap")
@@ -138,7 +139,6 @@ class NetDevice(VirtioDevice):
 
     def activate(self, guest_features, rings):
         super().activate(guest_features, rings)
-        self._c.abandon = self.abandon.c
         if self.active:
             self._set_starved(False)  # look at the receive ring, and the tap
 
@@ -162,7 +162,7 @@ class NetDevice(VirtioDevice):
             # the tap again; after a kick this is what ends a starvation.
             self._set_starved(out.stop == dataplane.PYL_NET_STARVED)
         if out.stop == dataplane.PYL_NET_RING_FAULT:
-            raise vq._error()
+            raise vq.fault()
         if out.stop == dataplane.PYL_NET_FRAME_FAULT:
             raise self._frame_error(out)
         if out.stop == dataplane.PYL_NET_ROOM_FAULT:

@@ -214,7 +214,7 @@ class Virtqueue:
         else:
             lib.pyl_vq_init(self.c, self._memory_c, num, pfn, event_idx, indirect)
         if self.c.fault.rule:
-            raise self._error()
+            raise self.fault()
         self.gpa = pfn << 12
         # A chain holds at most num descriptors and one indirect table.
         capacity = num + MAX_QUEUE_SIZE
@@ -241,7 +241,7 @@ class Virtqueue:
         """How many available entries we have not popped yet."""
         count = lib.pyl_vq_pending(self.c)
         if count < 0:
-            raise self._error()
+            raise self.fault()
         return count
 
     def pop(self):
@@ -268,7 +268,7 @@ class Virtqueue:
 
     def _chain(self, got):
         if got < 0:
-            raise self._error()
+            raise self.fault()
         if got == 0:
             return None
         c = self.c_chain
@@ -321,13 +321,14 @@ class Virtqueue:
         """
         pending = lib.pyl_vq_set_notification(self.c, bool(enabled))
         if pending < 0:
-            raise self._error()
+            raise self.fault()
         return bool(pending)
 
     # -- A broken rule, in words.
 
-    def _error(self):
-        """The VirtqueueError for the fault C recorded: the queue's name,
+    def fault(self):
+        """The VirtqueueError for the fault C recorded (in this queue's walk,
+        or in a C request loop that drove it): the queue's name,
         the rule in words with the values it concerns, then the rule's spec
         section, so that message and field agree."""
         fault = self.c.fault
