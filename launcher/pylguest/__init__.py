@@ -4,10 +4,12 @@ Start reading at docs/tour.md; the package's modules follow a hypervisor
 book's chapters: kvm/ (the VM and vCPU), memory.py (guest memory),
 boot/ (loading a kernel), machine.py (the run loop), uart.py, hypercall.py.
 
-For scripted boots, `pylguest.Guest` runs a guest and talks to its console.
+For scripted boots, `pylguest.Guest` runs a guest and talks to its console
+and, as a session (agent=True), runs commands and copies files in it;
+`pylguest.plugin` gives pytest its `guest` fixtures.
 """
 
-__all__ = ["Guest", "GuestTimeout"]
+__all__ = ["Guest", "GuestTimeout", "AgentError", "ChannelClosed", "CommandFailed"]
 
 
 def __getattr__(name):

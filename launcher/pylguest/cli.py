@@ -3,7 +3,8 @@
     pylguest run KERNEL [--initrd FILE] [--cmdline TEXT] [--mem SIZE]
                         [--timeout SECONDS] [--trace] [--decompress MODE]
                         [--block PATH[,ro][,direct]]... [--net tap:NAME]... [--rng]
-                        [--console stdio|socket:PATH] [-- CMD [ARG...]]
+                        [--console stdio|socket:PATH] [--agent fd:N]
+                        [-- CMD [ARG...]]
     pylguest info
 
 Exit status: the guest's own (LHCALL_SHUTDOWN: with `-- CMD`, the
@@ -118,6 +119,9 @@ def build_parser():
     run.add_argument("--rng", action="store_true", help="a virtio entropy device (/dev/urandom)")
     run.add_argument("--console", metavar="stdio|socket:PATH",
                      help="a virtio console on the terminal or on a unix socket")
+    run.add_argument("--agent", metavar="fd:N",
+                     help="the agent channel (docs/abi.md, section 8) on inherited unix socket N; "
+                          "pylguest.Guest(agent=True) passes it")
     commands.add_parser("info", help="what this machine's KVM is and offers")
     return parser
 
@@ -139,7 +143,7 @@ def command_run(args, command=None):
                            timeout=parse_timeout(args.timeout) if args.timeout is not None else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
                            block=args.block, net=args.net, rng=args.rng, console=args.console,
-                           command=command)
+                           command=command, agent=args.agent)
     machine = Machine(config)
     try:
         with RawTerminal(0):

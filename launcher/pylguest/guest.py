@@ -6,6 +6,16 @@
         guest.expect(r"max_pfn: 0x[0-9a-f]+")
         assert guest.wait() == 3
 
+A Linux guest with `agent=True` is a session: boot once, then talk to it
+as often as the test needs, through the agent channel (docs/abi.md,
+section 8), apart from the console:
+
+    with Guest(kernel, initrd=initramfs, agent=True, timeout=600) as guest:
+        assert guest.succeed("uname -r").startswith("6.1")
+        result = guest.run(["sh", "-c", "echo oops >&2; exit 3"])
+        assert (result.status, result.stderr) == (3, "oops\n")
+        guest.copy_to("data.bin", "/tmp/data.bin")
+
 The guest runs in its own `pylguest run` process, so a guest that crashes,
 hangs or triple-faults can never take the test down with it, and its exit
 status is exactly what the command line would give.  Console output is
@@ -13,9 +23,20 @@ collected as it arrives; `expect()` waits (bounded) for a pattern in it,
 `send()` types into the guest's console, `wait()` returns the exit status,
 `stop()` ends the run from outside (SIGTERM) and returns it too.
 Every run is bounded: `timeout` is passed on as `--timeout`, and leaving
-the `with` block kills a guest that is still running.
+the `with` block kills a guest that is still running.  Each command has
+a time limit of its own, enforced in the guest.  If the guest stops while
+a command runs (a panic, a halt, a kill from outside), that call raises
+ChannelClosed at once, saying how the launcher ended.
+
+Text and bytes, everywhere in this API: what goes in may be str (UTF-8)
+or bytes; what comes out is str, decoded as UTF-8 with bad bytes
+replaced, and the exact bytes are beside it under a `_bytes` name
+(`output_bytes`, `result.stdout_bytes`).  `expect()` follows its
+pattern: a str pattern searches the text and returns a str match, a
+bytes pattern searches the bytes and returns a bytes match.
 """
 
+import codecs
 import os
 import re
 import subprocess
@@ -24,6 +45,8 @@ import threading
 import time
 
 import pylguest
+from pylguest.agent.session import (DEFAULT_TIMEOUT, AgentError, ChannelClosed, CommandFailed,
+                                    Session, socket_pair)
 
 # How much longer than the guest's own --timeout we wait for the process.
 EXIT_GRACE = 10.0
@@ -33,13 +56,18 @@ class GuestTimeout(AssertionError):
     """expect() or wait() ran out of time; the message shows the output tail."""
 
 
+__all__ = ["Guest", "GuestTimeout", "AgentError", "ChannelClosed", "CommandFailed"]
+
+
 class Guest:
     def __init__(self, kernel, *, cmdline=None, initrd=None, mem=None, timeout=60.0,
-                 trace=False, extra_args=(), command=None, env=None, wrapper=()):
+                 trace=False, extra_args=(), command=None, env=None, wrapper=(),
+                 agent=False):
         """`extra_args` are more `pylguest run` options (--block, --net, ...);
         `command` is what the guest's init runs (`-- CMD ARG...`: the exit
         status is then the command's); `wrapper` is a command prefix, e.g.
-        ("ip", "netns", "exec", "ns1")."""
+        ("ip", "netns", "exec", "ns1"); `agent` makes it a session (run(),
+        succeed(), copy_to(), ...: pylguest's Linux and initramfs only)."""
         self.timeout = float(timeout)
         self.argv = list(wrapper) + [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
                                      "--timeout", f"{self.timeout:g}"]
@@ -52,27 +80,44 @@ class Guest:
         if trace:
             self.argv.append("--trace")
         self.argv += list(extra_args)
-        if command is not None:
-            self.argv += ["--", *command]
+        self.agent = agent
+        self.command = None if command is None else list(command)
         self.env = dict(os.environ if env is None else env)
         package_parent = os.path.dirname(os.path.dirname(pylguest.__file__))
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_parent, self.env.get("PYTHONPATH")) if p)
         self._output = bytearray()
+        self._text = []                     # the console output, decoded, in pieces
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stderr = bytearray()
-        self._position = 0
+        self._position = 0                  # where the next bytes expect() starts
+        self._text_position = 0             # where the next str expect() starts
         self._changed = threading.Condition()
         self.process = None
+        self.session = None
 
     # -- starting and stopping ------------------------------------------------
 
     def start(self):
-        self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env=self.env)
+        argv, theirs, pass_fds = list(self.argv), None, ()
+        if self.agent:
+            ours, theirs = socket_pair()
+            argv += ["--agent", f"fd:{theirs.fileno()}"]
+            pass_fds = (theirs.fileno(),)
+        if self.command is not None:
+            argv += ["--", *self.command]
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            env=self.env, pass_fds=pass_fds)
+        finally:
+            if theirs is not None:
+                theirs.close()               # the launcher has its own copy now
+        if self.agent:
+            self.session = Session(ours, why_closed=self._why_stopped)
         self._readers = [
             threading.Thread(target=self._collect, args=(self.process.stdout, self._output),
-                             daemon=True),
+                             kwargs={"text": True}, daemon=True),
             threading.Thread(target=self._collect, args=(self.process.stderr, self._stderr),
                              daemon=True)]
         for reader in self._readers:
@@ -88,6 +133,8 @@ class Guest:
     def close(self):
         if self.process is None:
             return
+        if self.session is not None:
+            self.session.close()
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
@@ -99,38 +146,71 @@ class Guest:
             except OSError:
                 pass
 
-    def _collect(self, pipe, buffer):
+    def _collect(self, pipe, buffer, text=False):
         while True:
             chunk = pipe.read1(65536)
             with self._changed:
                 if not chunk:
+                    if text:
+                        self._text.append(self._decoder.decode(b"", final=True))
                     self._changed.notify_all()
                     return
                 buffer += chunk
+                if text:
+                    self._text.append(self._decoder.decode(chunk))
                 self._changed.notify_all()
+
+    def _why_stopped(self):
+        """For the session: how the launcher ended (it closed the channel)."""
+        try:
+            status = self.process.wait(timeout=EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            return "the launcher closed the agent channel but is still running"
+        for reader in self._readers:
+            reader.join(timeout=2)
+        said = [line for line in self.stderr.splitlines() if line.startswith("pylguest: ")
+                and "emulates guest kernel mode" not in line]
+        return (f"the guest stopped (launcher exit status {status})"
+                + (f": {said[-1]}" if said else ""))
 
     # -- talking to the guest ---------------------------------------------------
 
     @property
     def output(self):
-        """All console output so far, decoded leniently."""
-        return bytes(self._output).decode("utf-8", "replace")
+        """All console output so far, as text."""
+        with self._changed:
+            if len(self._text) > 1:
+                self._text[:] = ["".join(self._text)]
+            return self._text[0] if self._text else ""
+
+    @property
+    def output_bytes(self):
+        """All console output so far, the exact bytes."""
+        with self._changed:
+            return bytes(self._output)
 
     @property
     def stderr(self):
         return bytes(self._stderr).decode("utf-8", "replace")
 
     def expect(self, pattern, timeout=None):
-        """Wait until `pattern` (a regex, str or compiled) appears in output
-        after the previous match; return the re.Match."""
-        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern) \
-            if not isinstance(pattern, re.Pattern) else pattern
+        """Wait until `pattern` (a regex: str or bytes, or compiled) appears
+        in the console output after the previous match of its kind; return
+        the re.Match (str for a str pattern, bytes for a bytes one)."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+        textual = isinstance(regex.pattern, str)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._changed:
             while True:
-                match = regex.search(self._output, self._position)
+                if textual:
+                    match = regex.search(self.output, self._text_position)
+                else:
+                    match = regex.search(self._output, self._position)
                 if match:
-                    self._position = match.end()
+                    if textual:
+                        self._text_position = match.end()
+                    else:
+                        self._position = match.end()
                     return match
                 remaining = deadline - time.monotonic()
                 exited = self.process.poll() is not None and not any(
@@ -181,3 +261,89 @@ class Guest:
     @property
     def status(self):
         return None if self.process is None else self.process.poll()
+
+    # -- a session: commands and files through the agent -------------------------
+
+    def _session(self):
+        if self.session is None:
+            raise AgentError("this guest has no agent channel: create it with Guest(..., agent=True)")
+        if self.session.hello is None:
+            self.session.wait_ready(self.timeout)
+        return self.session
+
+    def wait_ready(self, timeout=None):
+        """Wait (bounded: the guest's timeout by default) until the guest's
+        agent answers; return its HELLO."""
+        if self.session is None:
+            raise AgentError("this guest has no agent channel: create it with Guest(..., agent=True)")
+        return self.session.wait_ready(self.timeout if timeout is None else timeout)
+
+    def run(self, cmd, *, timeout=None, input=None, env=None, cwd=None, **kwargs):
+        """Run `cmd` in the guest: a str is a shell command line (sh -c), a
+        list is argv (str or bytes, byte for byte).  Returns a
+        CommandResult: status (the exit status, or 128 + the signal),
+        signal, timed_out, stdout, stderr, duration.  `timeout` (seconds,
+        default 120) is enforced in the guest: the command's whole process
+        group is killed, and the guest stays usable."""
+        return self._session().run(cmd, timeout=timeout, input=input, env=env, cwd=cwd,
+                                   **kwargs)
+
+    def succeed(self, cmd, **kwargs):
+        """run(); its stdout if it exited 0, else CommandFailed showing the
+        command, its status and the tails of both streams."""
+        result = self.run(cmd, **kwargs)
+        if result.status != 0:
+            raise CommandFailed(f"a command failed in the guest:\n{result.describe()}", result)
+        return result.stdout
+
+    def fail(self, cmd, **kwargs):
+        """run(), expecting a nonzero status; returns the CommandResult
+        (for its status and stderr), or raises CommandFailed if it succeeded."""
+        result = self.run(cmd, **kwargs)
+        if result.status == 0:
+            raise CommandFailed(f"a command succeeded in the guest, expected to fail:\n"
+                                f"{result.describe()}", result)
+        return result
+
+    def wait_until_succeeds(self, cmd, timeout=60.0, interval=0.5, **kwargs):
+        """Run `cmd` until it exits 0 (return its stdout) or `timeout`
+        seconds have passed (CommandFailed with the last attempt)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            result = self.run(cmd, timeout=max(remaining, 1.0), **kwargs)
+            if result.status == 0:
+                return result.stdout
+            if time.monotonic() + interval > deadline:
+                raise CommandFailed(f"a command did not succeed within {timeout:g} s; the last "
+                                    f"try:\n{result.describe()}", result)
+            time.sleep(interval)
+
+    def copy_to(self, host_path, guest_path, *, mode=None, timeout=DEFAULT_TIMEOUT):
+        """Copy a host file into the guest, streamed (any size), with its
+        permission bits unless `mode` is given."""
+        with open(host_path, "rb") as source:
+            if mode is None:
+                mode = os.fstat(source.fileno()).st_mode & 0o7777
+            self._session().put(source, guest_path, mode, timeout=timeout)
+
+    def copy_from(self, guest_path, host_path, *, timeout=DEFAULT_TIMEOUT):
+        """Copy a guest file to the host, streamed, with its permission bits.
+        The host file appears whole or not at all."""
+        partial = f"{os.fspath(host_path)}.pylguest-partial"
+        try:
+            with open(partial, "wb") as sink:
+                mode = self._session().get(guest_path, sink, timeout=timeout)
+                os.fchmod(sink.fileno(), mode & 0o7777)
+            os.replace(partial, host_path)
+        except BaseException:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise
+
+    @property
+    def transcript(self):
+        """The session's commands so far (CommandResult each, the last 200)."""
+        return [] if self.session is None else list(self.session.transcript)

@@ -27,7 +27,7 @@ from pylguest.boot import cmdline, loader
 from pylguest.boot.e820 import build_e820
 from pylguest.boot.setup import BootSetup, encode_cmdline, set_entry_state, write_boot_memory
 from pylguest.devices.console import ConsoleDevice
-from pylguest.devices.options import create_devices
+from pylguest.devices.options import agent_tty, create_devices
 from pylguest.errors import UsageError
 from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.hostfiles import read_user_file
@@ -69,6 +69,7 @@ class MachineConfig(NamedTuple):
     rng: bool = False
     console: str = None                # None, "stdio" or "socket:PATH"
     command: list = None               # `-- CMD ARG...`: run by the initramfs's init
+    agent: str = None                  # "fd:N": the agent channel's socket
 
 
 CONSOLE_FD = 1                         # guest console output goes to our stdout
@@ -80,6 +81,7 @@ class Machine:
         # Everything close() releases, None until it exists.
         self.kvm = self.console = self.guest_errors = None
         self.devices, self.socket_console, self.bus = [], None, None
+        self.agent_channel = None
         self.vm = self.memory = self.vcpu = None
         try:
             self._build()
@@ -107,7 +109,8 @@ class Machine:
         # Guest errors are rate-limited; console output written before one
         # is shown first (briefly: a stuck terminal must not stall us).
         self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
-        self.devices, self.socket_console = create_devices(config, self.console)
+        self.devices, self.socket_console, self.agent_channel = create_devices(config,
+                                                                               self.console)
         self.bus = LguestBus(self.devices, self.stopping)
         self._create_vm()
         self._create_memory()
@@ -157,7 +160,8 @@ class Machine:
                                         config.initrd, self.kernel)
         self.cmdline = cmdline.compose(config.cmdline, linux=self.kernel.linux,
                                        emulating=self.kvm_kind.emulating,
-                                       command=config.command, device_page=self.ram_top)
+                                       command=config.command, device_page=self.ram_top,
+                                       agent_tty=agent_tty(self.devices))
         write_boot_memory(self.memory, BootSetup(
             kernel=self.kernel, cmdline=encode_cmdline(self.cmdline, self.kernel),
             initrd=initrd, e820=self.e820, memory_end=self.regions[-1].end))
@@ -209,9 +213,12 @@ class Machine:
                                         self.report_guest_error, self._panic_message)
         self.bus.install(self.memory, self.ram_top, self.vm, self.hypercalls,
                          self.report_guest_error, self.tracer.line if self.tracer else None)
-        self.virtio_console = next((d for d in self.devices if isinstance(d, ConsoleDevice)), None)
+        consoles = [d for d in self.devices if isinstance(d, ConsoleDevice)]
+        self.virtio_console = next((d for d in consoles if d.name == "console0"), None)
         if self.socket_console:
             self.socket_console.start(self.virtio_console.receive)
+        if self.agent_channel:
+            self.agent_channel.start(next(d for d in consoles if d.name == "agent0"))
 
     def console_input(self, data):
         """Keyboard input goes to the virtio console once the guest's driver
@@ -266,9 +273,10 @@ class Machine:
             for device in self.devices:
                 device.close()
         self.bus, self.devices = None, []
-        if self.socket_console:
-            self.socket_console.close()
-            self.socket_console = None
+        for backend in ("socket_console", "agent_channel"):
+            if getattr(self, backend):
+                getattr(self, backend).close()
+                setattr(self, backend, None)
         if stuck:
             # A device thread still in a system call may still write into
             # guest memory (C holds plain pointers to it): leave it mapped

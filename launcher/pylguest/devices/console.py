@@ -36,6 +36,9 @@ class ConsoleDevice(VirtioDevice):
         self.output = output          # callable(bytes): the guest's output goes here
         self.pending = bytearray()
         self.dropped = 0
+        # Called (on a queue worker) whenever the guest took pending input,
+        # for a backend that must never drop any (hostconsole/agent_channel.py).
+        self.on_room = None
 
     def process(self, index, vq):
         if index == TRANSMITQ:
@@ -57,7 +60,14 @@ class ConsoleDevice(VirtioDevice):
     def _fill(self, chain):
         written = chain.write(self.memory, bytes(self.pending))
         del self.pending[:written]
+        if written and self.on_room:
+            self.on_room()
         return written
+
+    def room(self):
+        """How many more input bytes receive() would keep now."""
+        with self.lock:
+            return PENDING_LIMIT - len(self.pending)
 
     @property
     def accepting_input(self):

@@ -5,6 +5,9 @@
     --net tap:NAME[,mac=MAC]   repeatable: net0, net1, ...
     --rng                      rng0
     --console stdio|socket:PATH   a virtio console (console0)
+    --agent fd:N               the agent channel (agent0): one more virtio
+                               console, after every other device, relayed
+                               to an inherited socket (docs/abi.md, section 8)
 
 Every mistake here is the user's, so it is a UsageError (one line, exit 2).
 
@@ -51,10 +54,11 @@ def parse_console(spec):
 
 
 def create_devices(config, console_output):
-    """The devices `config` asks for, in bus order, and the socket console
-    backend (or None).  On error, whatever was opened is closed again."""
+    """The devices `config` asks for, in bus order, the socket console
+    backend (or None) and the agent channel (or None).  On error, whatever
+    was opened is closed again."""
     # The imports below are lazy: see the module docstring.
-    devices, socket_console = [], None
+    devices, socket_console, agent_channel = [], None, None
     try:
         if config.console:
             path = parse_console(config.console)
@@ -76,10 +80,22 @@ def create_devices(config, console_output):
         if config.rng:
             from pylguest.devices.rng import RngDevice
             devices.append(RngDevice("rng0"))
+        if config.agent:
+            from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent
+            agent_channel = AgentChannel(parse_agent(config.agent))
+            devices.append(ConsoleDevice("agent0", agent_channel.write))
     except Exception:
         for device in devices:
             device.close()
-        if socket_console:
-            socket_console.close()
+        for backend in (socket_console, agent_channel):
+            if backend:
+                backend.close()
         raise
-    return devices, socket_console
+    return devices, socket_console, agent_channel
+
+
+def agent_tty(devices):
+    """The guest's name for the agent's console: Linux's virtio_console
+    makes each console device an hvcK, in bus order."""
+    consoles = [d.name for d in devices if isinstance(d, ConsoleDevice)]
+    return f"hvc{consoles.index('agent0')}" if "agent0" in consoles else None
