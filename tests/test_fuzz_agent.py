@@ -9,7 +9,8 @@ The model below is written from that section, not from
 pylguest/agent/: a frame is a 12-byte header (u32 length <= 65536, u32
 id, u16 type, u16 reserved = 0) and its payload; HELLO comes first, with
 id 0; every other frame names an open request and is one that request
-may have: an EXEC may get STDOUT, STDERR, ACK (of at most what it was
+may have (a later HELLO means the agent started again: every open request
+is lost, and the channel goes on): an EXEC may get STDOUT, STDERR, ACK (of at most what it was
 sent), EXIT (u32 how 0..2, i32 value: a status 0..255 or a signal
 1..127, exactly 8 bytes) and ERROR (an i32 errno and a message); EXIT
 and ERROR close it.
@@ -64,7 +65,16 @@ def model_session(frames, ids):
     requests = {id_: ModelRequest() for id_ in ids}
     open_ = set(ids)
     for id_, type_, payload in frames:
-        if type_ == 0x81 or id_ not in open_:
+        if type_ == 0x81:                # the agent started again: all open requests lost
+            if id_ != 0 or len(payload) < 12 or payload[:4] != b"\x01\0\0\0" \
+                    or payload[4:8] != struct.pack("<I", MAX_PAYLOAD) \
+                    or not 0 < struct.unpack_from("<I", payload, 8)[0] <= 1 << 30:
+                return requests, True
+            for lost in open_:
+                requests[lost].ended = ("error",)
+            open_.clear()
+            continue
+        if id_ not in open_:
             return requests, True
         request = requests[id_]
         if type_ in (0x82, 0x83):
@@ -95,6 +105,8 @@ def model_session(frames, ids):
 
 @st.composite
 def agent_frame(draw):
+    if draw(st.integers(0, 15)) == 0:                  # the agent starting again
+        return HELLO_OK if draw(st.booleans()) else HELLO_OK[:12] + draw(st.binary(max_size=16))
     id_ = draw(st.sampled_from([1, 2, 3, 1, 2, 3, 0, 4, 0xFFFFFFFF]))
     type_ = draw(st.sampled_from([0x82, 0x83, 0x84, 0x84, 0x85, 0x89, 0x81, 0x06, 0x87, 0x88,
                                   0x01, 0x80, 0xFFFF]))
@@ -224,7 +236,10 @@ def test_a_hostile_agent_breaks_only_its_own_channel(batch, stream, sizes):
                                             (got.stderr_bytes, got.stderr_dropped, want.out[0x83])):
                     assert kept == data[:OUTPUT_LIMIT]
                     assert dropped == max(0, len(data) - OUTPUT_LIMIT)
-        assert (session.closed is not None)                  # EOF or the protocol: closed
+        deadline = time.monotonic() + CASE_SECONDS          # EOF or the protocol: closed
+        while session.closed is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert session.closed is not None
         assert ("broke the protocol" in str(session.closed)) == broken
         record("agent channel", "broken" if broken else "served", time.monotonic() - started,
                f"{len(stream)} bytes")

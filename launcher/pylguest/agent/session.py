@@ -186,10 +186,12 @@ class Session:
 
     def _dispatch(self, frame):
         if frame.type == protocol.HELLO:
-            if frame.id or self.hello is not None:
-                raise ProtocolError("HELLO that is not the first frame, or with an id")
+            if frame.id:
+                raise ProtocolError(f"HELLO with id {frame.id}, not 0")
             hello = protocol.parse_hello(frame)
             with self._changed:
+                if self.hello is not None:
+                    self._restarted()
                 self.hello = hello
                 self._changed.notify_all()
             return
@@ -244,6 +246,15 @@ class Session:
         request.dropped[stderr] += len(data) - min(room, len(data))
         if request.on_output:
             request.on_output("stderr" if stderr else "stdout", data)
+
+    def _restarted(self):
+        """A second HELLO: the agent died and /init started a new one, so
+        nothing open will ever be answered.  Called with the lock held."""
+        lost = AgentError(f"{self.name}: the guest's agent restarted (was it killed?); "
+                          "the request was lost")
+        for request in self._requests.values():
+            request.error, request.done = lost, True
+        self._requests.clear()
 
     def _finish(self, request):
         request.done = True
