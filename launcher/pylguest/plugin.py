@@ -278,10 +278,15 @@ def pytest_runtest_makereport(item, call):
         if where is not None:
             log = where / f"guest{n}-console.log"
             transcript = where / f"guest{n}-commands.txt"
-            log.write_bytes(guest_.output_bytes + b"\n--- launcher stderr ---\n"
-                            + guest_.stderr.encode())
-            transcript.write_text("\n\n".join(r.describe() for r in commands) + "\n")
-            report.sections.append((f"{label}: full logs", f"{log}\n{transcript}"))
+            try:
+                log.write_bytes(guest_.output_bytes + b"\n--- launcher stderr ---\n"
+                                + guest_.stderr.encode())
+                transcript.write_text("\n\n".join(r.describe() for r in commands) + "\n",
+                                      errors="backslashreplace")
+                saved = f"{log}\n{transcript}"
+            except OSError as e:
+                saved = f"could not write them: {e}"
+            report.sections.append((f"{label}: full logs", saved))
 
 
 def _log_directory(item):

@@ -113,7 +113,7 @@ class CommandResult:
 def render_argv(argv):
     """argv as one readable line (shell-quoted where it needs it)."""
     import shlex
-    return " ".join(shlex.quote(os.fsdecode(a)) for a in argv)
+    return " ".join(shlex.quote(a.decode("utf-8", "backslashreplace")) for a in argv)
 
 
 def as_bytes(value):
@@ -174,6 +174,8 @@ class Session:
                 data = self.socket.recv(1 << 16)
             except socket.timeout:
                 continue
+            except ConnectionResetError:
+                data = b""           # the launcher exited with our bytes unread: as gone
             except OSError as e:
                 return self._close(f"reading it failed: {e}")
             if not data:

@@ -12,6 +12,8 @@ Adding one option never loses the console.  The words, in order:
                          output, not the boot log (`loglevel=7` undoes it)
     clearcpuid=...       only on an emulating KVM (see below)
     (the user's --cmdline)
+    pylguest.agent=hvcK  with --agent: which console tty is the agent's
+                         channel (docs/abi.md, section 8)
     lguest.devices=0x..  always, last: where the device page is, for the
                          lguest bus driver (docs/linux.md)
 
@@ -66,8 +68,9 @@ def merge_clearcpuid(words):
     return merged
 
 
-def compose(user, *, linux, emulating, command, device_page):
-    """The whole command line, as one str."""
+def compose(user, *, linux, emulating, command, device_page, agent_tty=None):
+    """The whole command line, as one str.  `agent_tty` names the agent
+    channel's tty (e.g. "hvc1") when the machine has one."""
     words = []
     if linux:
         words += LINUX_DEFAULTS
@@ -78,5 +81,7 @@ def compose(user, *, linux, emulating, command, device_page):
     words += split_words(user)
     if linux:
         words = merge_clearcpuid(words)
+    if agent_tty is not None:
+        words.append(f"pylguest.agent={agent_tty}")
     words.append(f"lguest.devices=0x{device_page:x}")
     return " ".join(words)
