@@ -39,10 +39,16 @@ hello: install guests
 # pylguest's Linux: Debian's 6.1 source, tinyconfig plus guests/linux/, and
 # the lguest bus driver built in (tools/build_linux.py; cached under
 # ~/.cache/pylguest, so only the first build takes minutes), and the busybox
-# initramfs whose init runs `-- CMD` (tools/mkinitramfs.py).
-linux: deps install
+# initramfs whose init runs `-- CMD` (tools/mkinitramfs.py) and, for
+# `pylguest run --agent`, the agent (guests/linux/agent.c).
+linux: deps install build/linux/pylguest-agent
 	$(PYTHON) tools/build_linux.py build/linux
-	$(PYTHON) tools/mkinitramfs.py build/linux/initramfs.cpio
+	$(PYTHON) tools/mkinitramfs.py build/linux/initramfs.cpio --agent build/linux/pylguest-agent
+
+# The agent: one static program, the same in every initramfs (both kinds).
+build/linux/pylguest-agent: guests/linux/agent.c
+	mkdir -p $(@D)
+	gcc -static -O2 -Wall -Wextra -Werror -o $@ $<
 
 linux-hello: linux
 	$(PYLGUEST) run build/linux/bzImage --initrd build/linux/initramfs.cpio \
@@ -74,7 +80,7 @@ debian-kernel:
 # An initramfs for that kernel: our lguest bus driver built against its
 # headers, and its own virtio modules (tools/module_initramfs.py).
 DEBIAN_KERNEL = downloads/debian-kernel
-debian-initramfs: debian-kernel
+debian-initramfs: debian-kernel build/linux/pylguest-agent
 	$(PYTHON) tools/module_initramfs.py build/debian/initramfs.cpio \
 		--kdir $(DEBIAN_KERNEL)/headers/usr/src/linux-headers-$$(cat $(DEBIAN_KERNEL)/VERSION) \
 		--modules $(DEBIAN_KERNEL)/modules

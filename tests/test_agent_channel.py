@@ -16,7 +16,6 @@ from virtio_rig import DeviceRig
 from conftest import wait_until
 from pylguest.devices import console
 from pylguest.devices.console import ConsoleDevice
-from pylguest.devices.options import agent_tty
 from pylguest.errors import UsageError
 from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent
 
@@ -103,13 +102,3 @@ def test_an_fd_that_is_not_a_socket_is_refused(tmp_path):
             parse_agent(f"fd:{fd}")
     finally:
         os.close(fd)
-
-
-def test_the_agent_is_the_hvc_after_the_users_console():
-    class Named:
-        def __init__(self, name):
-            self.name = name
-    assert agent_tty([ConsoleDevice("agent0", None)]) == "hvc0"
-    assert agent_tty([ConsoleDevice("console0", None), Named("block0"),
-                      ConsoleDevice("agent0", None)]) == "hvc1"
-    assert agent_tty([ConsoleDevice("console0", None)]) is None

@@ -18,6 +18,7 @@ How far the boot goes depends on the kind of KVM (docs/abi.md section 7):
 """
 
 import importlib.util
+import os
 import re
 import subprocess
 import shutil
@@ -84,9 +85,12 @@ mkinitramfs = load_mkinitramfs()
 
 def test_mkinitramfs_writes_a_deterministic_newc_archive(tmp_path):
     busybox = b"\x7fELF pretend busybox" + bytes(range(7))   # an odd length, to test padding
+    agent = b"\x7fELF pretend agent" + bytes(range(3))
     init_script = mkinitramfs.INIT.read_bytes()
-    image = mkinitramfs.build(busybox, ["bin/sh", "sbin/poweroff"], init_script)
-    assert mkinitramfs.build(busybox, ["bin/sh", "sbin/poweroff"], init_script) == image, \
+    image = mkinitramfs.build(busybox, ["bin/sh", "sbin/poweroff"], init_script,
+                              agent_bytes=agent)
+    assert mkinitramfs.build(busybox, ["bin/sh", "sbin/poweroff"], init_script,
+                             agent_bytes=agent) == image, \
         "the same input must give the same bytes"
     assert image.startswith(b"070701") and len(image) % 4 == 0
 
@@ -94,6 +98,11 @@ def test_mkinitramfs_writes_a_deterministic_newc_archive(tmp_path):
     assert entries["bin/busybox"][1] == busybox
     assert stat.S_ISREG(entries["bin/busybox"][0]) and entries["bin/busybox"][0] & 0o111
     assert stat.S_ISLNK(entries["bin/sh"][0]) and entries["bin/sh"][1] == b"/bin/busybox"
+    # The agent, where /init looks for it (guests/linux/init, start_agent).
+    agent_mode, agent_body, _ = entries["bin/pylguest-agent"]
+    assert stat.S_ISREG(agent_mode) and stat.S_IMODE(agent_mode) == 0o755
+    assert agent_body == agent
+    assert b"/bin/pylguest-agent" in init_script and b"pylguest.agent" in init_script
     # The kernel opens /dev/console before /init runs, before devtmpfs exists.
     assert stat.S_ISCHR(entries["dev/console"][0]) and entries["dev/console"][2] == (5, 1)
     for directory in ("proc", "sys", "dev"):
@@ -111,6 +120,28 @@ def test_mkinitramfs_writes_a_deterministic_newc_archive(tmp_path):
         listing = subprocess.run(["cpio", "-t", "--quiet"], stdin=archive.open("rb"),
                                  capture_output=True, text=True, check=True).stdout.split()
         assert listing == [name for name, *_ in read_newc(image)[0]]
+
+
+def test_mkinitramfs_packs_the_agent_it_is_given(tmp_path):
+    if not os.path.exists("/bin/busybox"):
+        pytest.skip("/bin/busybox is missing: run `make deps`")
+    agent = tmp_path / "pylguest-agent"
+    agent.write_bytes(b"\x7fELF a pretend agent")
+    out = tmp_path / "initramfs.cpio"
+    assert mkinitramfs.main([str(out), "--agent", str(agent)]) == 0
+    entries = {name: (mode, body) for name, mode, body, _ in read_newc(out.read_bytes())[0]}
+    mode, body = entries["bin/pylguest-agent"]
+    assert stat.S_IMODE(mode) == 0o755 and body == agent.read_bytes()
+    assert stat.S_ISREG(entries["bin/busybox"][0])
+
+
+def test_mkinitramfs_without_the_agent_is_a_one_line_error(tmp_path):
+    out = tmp_path / "initramfs.cpio"
+    with pytest.raises(SystemExit) as error:
+        mkinitramfs.main([str(out), "--agent", str(tmp_path / "no-agent")])
+    message = str(error.value)
+    assert "no-agent" in message and "make linux" in message and "\n" not in message
+    assert not out.exists()
 
 
 # -- booting Debian's kernel ---------------------------------------------------------

@@ -9,7 +9,8 @@ an initramfs.  Here:
     misreading of the format cannot hide in both);
   - (slow) the build against Debian's cloud kernel headers, fetched by
     `make debian-kernel`: it must print no warning at all;
-  - (slow) the initramfs for that kernel, read back entry by entry.
+  - (slow) the initramfs for that kernel, read back entry by entry, with
+    the agent program (guests/linux/agent.c) as /bin/pylguest-agent.
 
 Debian's kernel itself does not reach user space on an emulating KVM; that
 boot is tests/test_debian_kernel.py's.
@@ -162,6 +163,22 @@ def test_compressed_modules_are_read_and_renamed_plain(tmp_path):
     assert order_of(moddir, ["virtio_rng"]) == ["base", "virtio_rng"]
 
 
+def test_a_missing_agent_is_one_line_before_the_module_build(tmp_path, monkeypatch, capsys):
+    # Headers that name their release; the build itself must not start.
+    generated = tmp_path / "kdir" / "include" / "generated"
+    generated.mkdir(parents=True)
+    (generated / "utsrelease.h").write_text('#define UTS_RELEASE "6.1.0-test"\n')
+    monkeypatch.setattr(module_initramfs, "build_module",
+                        lambda *_: pytest.fail("the module was built before the agent was found"))
+    out = tmp_path / "initramfs.cpio"
+    assert module_initramfs.main([str(out), "--kdir", str(tmp_path / "kdir"),
+                                  "--modules", str(tmp_path), "--agent",
+                                  str(tmp_path / "no-agent")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no-agent" in error and "make linux" in error
+    assert not out.exists()
+
+
 # -- Debian's cloud kernel (slow: a real module build) ----------------------------------
 
 
@@ -215,13 +232,19 @@ def modinfo_field(body, key):
     return match.group(1).decode() if match else None
 
 
+AGENT = b"\x7fELF a pretend pylguest-agent"
+
+
 @pytest.fixture(scope="module")
 def debian_initramfs(debian, tmp_path_factory):
     """The initramfs for Debian's kernel, built here: {name: (mode, body)}."""
     kdir, moddir, _ = debian
-    out = tmp_path_factory.mktemp("debian") / "initramfs.cpio"
+    work = tmp_path_factory.mktemp("debian")
+    out, agent = work / "initramfs.cpio", work / "pylguest-agent"
+    agent.write_bytes(AGENT)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, TOOL, out, "--kdir", kdir, "--modules", moddir],
+    result = subprocess.run([sys.executable, TOOL, out, "--kdir", kdir, "--modules", moddir,
+                             "--agent", agent],
                             capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     print(f"\nDebian initramfs: {time.monotonic() - started:.1f} s wall time")
     assert result.returncode == 0, result.stderr
@@ -238,6 +261,8 @@ def test_debian_initramfs_carries_busybox_init_and_modules_in_order(debian, debi
     mode, init = files["init"]
     assert stat.S_ISREG(mode) and mode & 0o111
     assert init == (SOURCE / "init").read_bytes()
+    mode, agent = files["bin/pylguest-agent"]
+    assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o755 and agent == AGENT
 
     modules = "lib/modules/pylguest/"
     order = files[modules + "load-order"][1].decode().split()

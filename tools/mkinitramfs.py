@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Build the busybox initramfs that pylguest boots Linux with.
 
-    python3 tools/mkinitramfs.py OUT.cpio [--busybox /bin/busybox]
+    python3 tools/mkinitramfs.py OUT.cpio [--busybox /bin/busybox] [--agent PATH]
 
-The image holds one static busybox, a symlink for each of its applets, and
-guests/linux/init as /init.  That init mounts proc, sysfs and devtmpfs,
-runs the command `pylguest run ... -- CMD ARG...` hands it (or a shell),
-and powers the guest off with the command's exit status.
+The image holds one static busybox, a symlink for each of its applets,
+guests/linux/init as /init, and the agent (guests/linux/agent.c, built
+static by `make linux` to build/linux/pylguest-agent) as
+/bin/pylguest-agent.  That init mounts proc, sysfs and devtmpfs, starts the
+agent when the launcher made an agent channel (--agent), runs the command
+`pylguest run ... -- CMD ARG...` hands it (or a shell), and powers the
+guest off with the command's exit status.
 
 The busybox comes from Debian's busybox-static package (/bin/busybox); if
 it is missing and we are root, we install that package with apt-get.
@@ -36,6 +39,8 @@ from pylguest.boot.cpio import Archive
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INIT = ROOT / "guests" / "linux" / "init"
+AGENT = ROOT / "build" / "linux" / "pylguest-agent"     # `make linux` builds it
+AGENT_IN_IMAGE = "bin/pylguest-agent"                 # where /init looks for it
 MODULES_DIR = "lib/modules/pylguest"       # where /init looks for modules
 DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys",
                "tmp", "root", "etc", "mnt", "lib")
@@ -48,11 +53,13 @@ def busybox_applets(busybox):
     return sorted(line.strip() for line in listing.splitlines() if line.strip())
 
 
-def build(busybox_bytes, applets, init_bytes, modules=()):
+def build(busybox_bytes, applets, init_bytes, modules=(), agent_bytes=None):
     """The initramfs (an uncompressed newc cpio) as bytes.
 
     applets: paths like "bin/ls" that become symlinks to /bin/busybox;
-    modules: (file name, bytes) pairs, in the order /init loads them.
+    modules: (file name, bytes) pairs, in the order /init loads them;
+    agent_bytes: the static pylguest-agent program (build_from always has
+    one; without it, /init says so when a guest asks for the agent).
     """
     archive = Archive()
     for directory in DIRECTORIES:
@@ -62,6 +69,8 @@ def build(busybox_bytes, applets, init_bytes, modules=()):
     archive.char_device("dev/console", 5, 1)
     archive.char_device("dev/null", 1, 3, perm=0o666)
     archive.file("bin/busybox", busybox_bytes, perm=0o755)
+    if agent_bytes is not None:
+        archive.file(AGENT_IN_IMAGE, agent_bytes, perm=0o755)
     for applet in applets:
         if applet != "bin/busybox":
             archive.symlink(applet, "/bin/busybox")
@@ -107,11 +116,23 @@ def write_atomically(path, data):
     os.replace(partial, path)
 
 
-def build_from(busybox_path, modules=()):
+def read_agent(path=AGENT):
+    """The agent program's bytes; it is built by make, not here."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"mkinitramfs: {path} is missing: `make linux` builds it "
+                         f"from guests/linux/agent.c") from None
+
+
+def build_from(busybox_path, modules=(), agent_path=AGENT):
+    agent_bytes = read_agent(agent_path)
     busybox = find_busybox(busybox_path)
     with open(busybox, "rb") as f:
         busybox_bytes = f.read()
-    return build(busybox_bytes, busybox_applets(busybox), INIT.read_bytes(), modules)
+    return build(busybox_bytes, busybox_applets(busybox), INIT.read_bytes(), modules,
+                 agent_bytes)
 
 
 def main(argv=None):
@@ -119,8 +140,11 @@ def main(argv=None):
     parser.add_argument("out", help="the .cpio file to write")
     parser.add_argument("--busybox", default="/bin/busybox",
                         help="a statically linked busybox (default: Debian's /bin/busybox)")
+    parser.add_argument("--agent", default=AGENT,
+                        help="the static pylguest-agent program (default: "
+                             "build/linux/pylguest-agent, which `make linux` builds)")
     args = parser.parse_args(argv)
-    image = build_from(args.busybox)
+    image = build_from(args.busybox, agent_path=args.agent)
     write_atomically(args.out, image)
     print(f"mkinitramfs: wrote {args.out} ({len(image)} bytes)")
     return 0

@@ -18,6 +18,10 @@ kernel can still run under pylguest if its initramfs brings
     symbols it uses.  /init (guests/linux/init) loads them with busybox's
     insmod, which, unlike modprobe, resolves nothing itself.
 
+The rest is tools/mkinitramfs.py's image: busybox, /init, and the agent
+program (build/linux/pylguest-agent, or --agent PATH), which is a static
+user-space program and so the same for every kernel.
+
 KDIR is the kernel's build directory or headers package (what `make -C KDIR
 M=... modules` needs) and MODDIR its lib/modules/<release>.  For Debian's
 cloud kernel, `make debian-initramfs` passes those that `make debian-kernel`
@@ -393,8 +397,13 @@ def initramfs_modules(ko, moddir, vermagic):
     return [(plain_file_name(index[name]), read_module(index[name])) for name in order]
 
 
-def build_initramfs(kdir, moddir, out, busybox, check_build_only=False):
+def build_initramfs(kdir, moddir, out, busybox, check_build_only=False,
+                    agent=mkinitramfs.AGENT):
     release = kernel_release(kdir)
+    if not check_build_only and not os.path.exists(agent):
+        # Said now, not after the module build.
+        raise ModuleError(f"{agent} is missing: `make linux` builds it from "
+                          f"guests/linux/agent.c")
     with tempfile.TemporaryDirectory(prefix="lguest-module-") as work:
         ko, seconds = build_module(kdir, work)
         vermagic = check_vermagic(ko, release)
@@ -404,8 +413,8 @@ def build_initramfs(kdir, moddir, out, busybox, check_build_only=False):
             return
         modules = initramfs_modules(ko, moddir, vermagic)
     try:
-        image = mkinitramfs.build_from(busybox, modules)
-    except SystemExit as e:           # find_busybox's way of saying what is missing
+        image = mkinitramfs.build_from(busybox, modules, agent)
+    except SystemExit as e:           # find_busybox and read_agent say what is missing so
         raise ModuleError(str(e).removeprefix("mkinitramfs: ")) from None
     mkinitramfs.write_atomically(out, image)
     print(f"module_initramfs: wrote {out} ({len(image)} bytes); load order: "
@@ -421,13 +430,17 @@ def main(argv=None):
     parser.add_argument("--modules", help="the kernel's modules, e.g. /lib/modules/$(uname -r)")
     parser.add_argument("--busybox", default="/bin/busybox",
                         help="a statically linked busybox (default: Debian's /bin/busybox)")
+    parser.add_argument("--agent", default=mkinitramfs.AGENT,
+                        help="the static pylguest-agent program (default: "
+                             "build/linux/pylguest-agent, which `make linux` builds)")
     parser.add_argument("--check-build-only", action="store_true",
                         help="only build the lguest module and check it; write nothing")
     args = parser.parse_args(argv)
     if not args.check_build_only and not (args.out and args.modules):
         parser.error("OUT and --modules are needed, unless --check-build-only")
     try:
-        build_initramfs(args.kdir, args.modules, args.out, args.busybox, args.check_build_only)
+        build_initramfs(args.kdir, args.modules, args.out, args.busybox, args.check_build_only,
+                        args.agent)
     except (ModuleError, OSError) as e:
         print(f"module_initramfs: {e}", file=sys.stderr)
         return 2

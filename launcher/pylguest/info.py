@@ -1,7 +1,7 @@
 """`pylguest info`: what this machine's KVM is, and what it offers us."""
 
 from pylguest._kvm import lib
-from pylguest.boot.cmdline import EMULATING_KVM_CLEARCPUID
+from pylguest.boot.cmdline import EMULATING_KVM_CLEARCPUID, EMULATING_KVM_ENVIRONMENT
 from pylguest.emulate import COMPLETIONS
 from pylguest.errors import KvmError
 from pylguest.kvm import Kvm, detect_kvm_kind
@@ -43,6 +43,11 @@ def adjustments(kind):
         f"  - clearcpuid={','.join(EMULATING_KVM_CLEARCPUID)} is added (merged with yours):",
         "    those CPUID bits show through whatever KVM_SET_CPUID2 says, and without",
         "    erms/fsrm the kernel copies with rep movsq, about 3x faster emulated;",
+        f"  - {', '.join(key for key, _ in EMULATING_KVM_ENVIRONMENT)}:",
+        "    added to init's environment (merged with yours), so that glibc, OpenSSL,",
+        "    NumPy, OpenBLAS and Go keep to SSE: without xsave the kernel keeps only x87",
+        "    and xmm0-15 across a context switch, yet user mode still sees AVX, and",
+        "    ymm/zmm/k registers pass between processes (any other AVX user is exposed);",
         "  - a compressed kernel and initramfs are unpacked on the host (--decompress auto):",
         "    the guest's own decompressors would run emulated (55 s for a 2 MB initramfs);",
         f"  - {refused}: completed by the launcher when this KVM refuses them;",

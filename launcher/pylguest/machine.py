@@ -27,7 +27,7 @@ from pylguest.boot import cmdline, loader
 from pylguest.boot.e820 import build_e820
 from pylguest.boot.setup import BootSetup, encode_cmdline, set_entry_state, write_boot_memory
 from pylguest.devices.console import ConsoleDevice
-from pylguest.devices.options import agent_tty, create_devices
+from pylguest.devices.options import create_devices
 from pylguest.errors import UsageError
 from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.hostfiles import read_user_file
@@ -158,10 +158,13 @@ class Machine:
         if initrd_image is not None:
             initrd = loader.load_initrd(self.memory, self.low_ram_top, initrd_image,
                                         config.initrd, self.kernel)
+        agent_port = None
+        if self.agent_channel:
+            from pylguest.devices.agent_port import NAME as agent_port
         self.cmdline = cmdline.compose(config.cmdline, linux=self.kernel.linux,
                                        emulating=self.kvm_kind.emulating,
                                        command=config.command, device_page=self.ram_top,
-                                       agent_tty=agent_tty(self.devices))
+                                       agent_port=agent_port)
         write_boot_memory(self.memory, BootSetup(
             kernel=self.kernel, cmdline=encode_cmdline(self.cmdline, self.kernel),
             initrd=initrd, e820=self.e820, memory_end=self.regions[-1].end))

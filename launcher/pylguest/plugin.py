@@ -66,6 +66,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.pylguest_kernels = configured_kernels(config)   # a bad line: one usage error
     config.addinivalue_line(
         "markers", "pylguest(**options): options for this test's guests (kernel, initrd, mem, "
                    "cmdline, disks, net, rng, timeout, boot_timeout, extra_args)")
@@ -114,7 +115,7 @@ def configured_kernels(config):
 def pytest_generate_tests(metafunc):
     """With pylguest_kernels, a test that boots its own guests runs once
     per kernel (unless it parametrizes pylguest_kernel itself)."""
-    kernels = configured_kernels(metafunc.config)
+    kernels = metafunc.config.pylguest_kernels
     own = {"guest", "guest_factory"} & set(metafunc.fixturenames)
     chosen = any(m.name == "parametrize" and "pylguest_kernel" in str(m.args[0])
                  for m in metafunc.definition.iter_markers())

@@ -11,9 +11,14 @@ Adding one option never loses the console.  The words, in order:
     quiet                only when running a command (`-- CMD`): show its
                          output, not the boot log (`loglevel=7` undoes it)
     clearcpuid=...       only on an emulating KVM (see below)
+    KEY=VALUE x 5        only on an emulating KVM: GLIBC_TUNABLES,
+                         OPENSSL_ia32cap, NPY_DISABLE_CPU_FEATURES,
+                         OPENBLAS_CORETYPE, GODEBUG for init's environment
+                         (see below), each merged with the user's word
+                         of the same name
     (the user's --cmdline)
-    pylguest.agent=hvcK  with --agent: which console tty is the agent's
-                         channel (docs/abi.md, section 8)
+    pylguest.agent=NAME  with --agent: the name of the console port that is
+                         the agent's channel (docs/abi.md, section 8)
     lguest.devices=0x..  always, last: where the device page is, for the
                          lguest bus driver (docs/linux.md)
 
@@ -26,6 +31,60 @@ use them.  erms and fsrm go too: without them Linux copies with `rep
 movsq`, about three times faster under emulation than `rep movsb`.  Linux
 reads only one clearcpuid= (the last one: arch/x86/lib/cmdline.c), from a
 128-byte buffer, so ours and any the user gives are merged into one.
+
+Without xsave the guest kernel switches FPU state with FXSAVE, which
+keeps x87 and xmm0-15 only; but guest user mode runs natively under the
+host's CR4 and XCR0, so a program still sees AVX (CPUID's OSXSAVE and
+AVX bits, XGETBV) and may use it, and the upper halves of ymm0-15 (on an
+AVX-512 host zmm and k0-7 too) are shared by every guest process: a
+context switch in the middle of an AVX memcpy hands the process the last
+one's values.  Static glibc's AVX memcpy crashed busybox pipelines that
+way (docs/linux.md, "Two programs starting at once").  So that the
+programs a boot test meets most keep to SSE, init (and so everything it
+starts) gets the documented switches of the runtimes that choose AVX by
+their own CPUID checks; Linux hands a `KEY=VALUE` word whose key has no
+dot to init's environment:
+
+    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL
+        glibc 2.33 and later (older ones spell the names differently).
+        The first two leave no string function that touches ymm on an
+        AVX2 host, and neither does alone (avx_switch's `strings` check,
+        guests/linux/selftest/avx_switch.c); the AVX-512 variants that
+        they do not already exclude are chosen by AVX512F (memmove,
+        memset) and AVX512VL (strstr, the EVEX ones), in glibc's ifunc
+        selectors.  -AVX would change only libm's xmm-only variants.
+    OPENSSL_ia32cap=~0x1000000000000000:~0x600c0230020:~0x80000000000000:~0x80000
+        OpenSSL (OPENSSL_ia32cap(3)): AVX (bit 60 of the first vector);
+        AVX2, AVX512F/DQ/IFMA/BW/VL, VAES, VPCLMULQDQ (bits 5, 16, 17,
+        21, 30, 31, 41, 42 of the second); AVX-IFMA (bit 55 of the
+        third, 3.2+); AVX10 (bit 19 of the fourth, 3.5+).  3.0 reads
+        the first two.
+    NPY_DISABLE_CPU_FEATURES=AVX,F16C,XOP,...,AVX512_SPR,X86_V3,X86_V4
+        NumPy's dispatch targets that use VEX or EVEX, by their names
+        before 2.4 and since; a name a NumPy does not dispatch costs an
+        ImportWarning (hidden by default since 1.25; 1.20-1.24 print a
+        RuntimeWarning).  A NumPy built with AVX2 in its baseline
+        refuses to import with this (the user can drop it, below).
+    OPENBLAS_CORETYPE=Nehalem
+        OpenBLAS's DYNAMIC_ARCH builds (NumPy's matmul): the newest
+        SSE-only kernels; ignored by a build for one CPU.
+    GODEBUG=cpu.avx=off,cpu.avx2=off
+        Go's runtime (memmove, memclr, indexbyte, compare) and standard
+        library; no avx512 names, which Go 1.19 and older do not know
+        and would warn about at every start.
+
+A user's word of the same name is merged into ours, in our place:
+GLIBC_TUNABLES keeps the user's tunables and adds ours, and where both
+give glibc.cpu.hwcaps the lists become one (in the user's last, which
+glibc keeps), the user's entries first and ours only for the features
+the user's do not name;
+NPY_DISABLE_CPU_FEATURES and GODEBUG likewise (a GODEBUG entry is named
+by its key); OPENSSL_ia32cap and OPENBLAS_CORETYPE are the user's.  A
+user's `KEY=` with nothing after it removes ours.  Words after a `--`
+are init's arguments and stay as they are.  Linux gives init at most 32
+variables, HOME and TERM among them, and panics at more
+(init/main.c), so a command line with more KEY=VALUE words whose key
+holds an upper-case letter is refused.
 """
 
 import re
@@ -38,6 +97,22 @@ EMULATING_KVM_CLEARCPUID = ("popcnt", "smap", "avx", "avx2", "avx512f", "fma", "
                             "xsave", "erms", "fsrm")
 CLEARCPUID = "clearcpuid="
 CLEARCPUID_MAX = 127               # Linux's buffer is 128 bytes with the NUL
+
+# init's environment on an emulating KVM (see above), in this order.
+HWCAPS = "glibc.cpu.hwcaps"
+EMULATING_KVM_HWCAPS = ("-AVX2", "-AVX_Fast_Unaligned_Load", "-AVX512F", "-AVX512VL")
+NUMPY_AVX_TARGETS = ("AVX", "F16C", "XOP", "FMA4", "FMA3", "AVX2", "AVX512F", "AVX512CD",
+                     "AVX512_KNL", "AVX512_KNM", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL",
+                     "AVX512_ICL", "AVX512_SPR", "X86_V3", "X86_V4")
+EMULATING_KVM_ENVIRONMENT = (
+    ("GLIBC_TUNABLES", f"{HWCAPS}={','.join(EMULATING_KVM_HWCAPS)}"),
+    ("OPENSSL_ia32cap", "~0x1000000000000000:~0x600c0230020:~0x80000000000000:~0x80000"),
+    ("NPY_DISABLE_CPU_FEATURES", ",".join(NUMPY_AVX_TARGETS)),
+    ("OPENBLAS_CORETYPE", "Nehalem"),
+    ("GODEBUG", "cpu.avx=off,cpu.avx2=off"),
+)
+INIT_ENV_MAX = 30                  # MAX_INIT_ENVS (32) less HOME and TERM
+_ENV_KEY = re.compile(r"(?=.*[A-Z])[A-Za-z_]\w*\Z", re.ASCII)   # not a kernel parameter
 
 # A word: a run of non-blanks, where a double-quoted part may hold blanks
 # (Linux's own rule, lib/cmdline.c next_arg()).
@@ -68,9 +143,83 @@ def merge_clearcpuid(words):
     return merged
 
 
-def compose(user, *, linux, emulating, command, device_page, agent_tty=None):
-    """The whole command line, as one str.  `agent_tty` names the agent
-    channel's tty (e.g. "hvc1") when the machine has one."""
+# -- init's environment ------------------------------------------------------------
+
+
+def parameter(word):
+    """(key, value) of a KEY=VALUE word, without the double quotes Linux
+    strips (lib/cmdline.c, next_arg()); None for a word without `=`."""
+    key, equals, value = word.lstrip('"').partition("=")
+    return (key, value.strip('"')) if equals else None
+
+
+def env_word(key, value):
+    """KEY=VALUE, the value double-quoted if it holds a blank."""
+    return f'{key}="{value}"' if re.search(r"\s", value) else f"{key}={value}"
+
+
+def merge_entries(user, ours, name, separator=","):
+    """The user's entries, then those of ours that name(entry) says the
+    user's do not name.  Entries are separated by `separator` (a comma
+    also by blanks, which NumPy takes too)."""
+    pattern = r"[\s,]+" if separator == "," else re.escape(separator)
+    entries = [e for e in re.split(pattern, user) if e]
+    named = {name(e) for e in entries}
+    return separator.join(entries + [e for e in ours.split(separator) if name(e) not in named])
+
+
+def merge_tunables(user, ours):
+    """GLIBC_TUNABLES (name=value:name=value): the user's tunables with ours
+    added; where both give one (glibc.cpu.hwcaps), ours is merged into the
+    user's last, the one glibc keeps."""
+    tunables = [t for t in user.split(":") if t]
+    for name, _, value in (t.partition("=") for t in ours.split(":")):
+        given = [i for i, t in enumerate(tunables) if t.partition("=")[0] == name]
+        if not given:
+            tunables.append(f"{name}={value}")
+            continue
+        theirs = tunables[given[-1]].partition("=")[2]
+        tunables[given[-1]] = f"{name}=" + merge_entries(theirs, value, lambda e: e.lstrip("-"))
+    return ":".join(tunables)
+
+
+MERGERS = {
+    "GLIBC_TUNABLES": merge_tunables,
+    "NPY_DISABLE_CPU_FEATURES": lambda user, ours: merge_entries(user, ours, str.upper),
+    "GODEBUG": lambda user, ours: merge_entries(user, ours, lambda e: e.partition("=")[0]),
+}
+
+
+def merge_environment(words, ours):
+    """`words` with the user's KEY=VALUE words for each of ours (key, value)
+    merged into ours (MERGERS; otherwise the user's value wins), in the
+    place of ours.  Words after `--` are init's arguments: left alone."""
+    end = words.index("--") if "--" in words else len(words)
+    head, tail = words[:end], words[end:]
+    for key, value in ours:
+        given = [p[1] for p in map(parameter, head) if p and p[0] == key]
+        if not given:
+            continue
+        user = given[-1]                 # Linux keeps the last
+        merged = MERGERS.get(key, lambda user, _: user)(user, value) if user else ""
+        position = head.index(env_word(key, value))
+        head = [w for w in head if (parameter(w) or (None,))[0] != key]
+        head.insert(position, env_word(key, merged))
+    return head + tail
+
+
+def check_environment(words):
+    """Refuse more variables for init than Linux takes (it would panic)."""
+    end = words.index("--") if "--" in words else len(words)
+    keys = {p[0] for p in map(parameter, words[:end]) if p and _ENV_KEY.match(p[0])}
+    if len(keys) > INIT_ENV_MAX:
+        raise UsageError(f"the command line gives init {len(keys)} environment variables; "
+                         f"Linux takes at most {INIT_ENV_MAX} besides HOME and TERM")
+
+
+def compose(user, *, linux, emulating, command, device_page, agent_port=None):
+    """The whole command line, as one str.  `agent_port` names the agent
+    channel's console port when the machine has one."""
     words = []
     if linux:
         words += LINUX_DEFAULTS
@@ -78,10 +227,14 @@ def compose(user, *, linux, emulating, command, device_page, agent_tty=None):
             words += COMMAND_DEFAULTS
         if emulating:
             words.append(CLEARCPUID + ",".join(EMULATING_KVM_CLEARCPUID))
+            words += [env_word(key, value) for key, value in EMULATING_KVM_ENVIRONMENT]
     words += split_words(user)
     if linux:
         words = merge_clearcpuid(words)
-    if agent_tty is not None:
-        words.append(f"pylguest.agent={agent_tty}")
+        if emulating:
+            words = merge_environment(words, EMULATING_KVM_ENVIRONMENT)
+        check_environment(words)
+    if agent_port is not None:
+        words.append(f"pylguest.agent={agent_port}")
     words.append(f"lguest.devices=0x{device_page:x}")
     return " ".join(words)

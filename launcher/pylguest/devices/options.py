@@ -5,9 +5,9 @@
     --net tap:NAME[,mac=MAC]   repeatable: net0, net1, ...
     --rng                      rng0
     --console stdio|socket:PATH   a virtio console (console0)
-    --agent fd:N               the agent channel (agent0): one more virtio
-                               console, after every other device, relayed
-                               to an inherited socket (docs/abi.md, section 8)
+    --agent fd:N               the agent channel (agent0): a virtio console
+                               port, after every other device, relayed to an
+                               inherited socket (docs/abi.md, section 8)
 
 Every mistake here is the user's, so it is a UsageError (one line, exit 2).
 
@@ -82,8 +82,9 @@ def create_devices(config, console_output):
             devices.append(RngDevice("rng0"))
         if config.agent:
             from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent
+            from pylguest.devices.agent_port import AgentPortDevice
             agent_channel = AgentChannel(parse_agent(config.agent))
-            devices.append(ConsoleDevice("agent0", agent_channel.write))
+            devices.append(AgentPortDevice("agent0", agent_channel.write))
     except Exception:
         for device in devices:
             device.close()
@@ -92,10 +93,3 @@ def create_devices(config, console_output):
                 backend.close()
         raise
     return devices, socket_console, agent_channel
-
-
-def agent_tty(devices):
-    """The guest's name for the agent's console: Linux's virtio_console
-    makes each console device an hvcK, in bus order."""
-    consoles = [d.name for d in devices if isinstance(d, ConsoleDevice)]
-    return f"hvc{consoles.index('agent0')}" if "agent0" in consoles else None
