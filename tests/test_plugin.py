@@ -1,0 +1,115 @@
+"""The pytest plugin (pylguest/plugin.py), as a user in another repository meets it.
+
+Each test writes a small test file into a fresh directory (pytester) and
+runs pytest on it, so nothing of this project's own conftest applies:
+only what `pip install pylguest` gives a user.
+"""
+
+import os
+import sys
+
+import pytest
+
+from pylguest import plugin
+
+pytest_plugins = ["pytester"]
+
+
+def test_the_plugin_is_registered_by_its_entry_point(pytester):
+    result = pytester.runpytest_subprocess("--help")
+    assert "--pylguest-kernel" in result.stdout.str()
+    assert "pylguest boot tests" in result.stdout.str()
+
+
+def test_kernels_parametrize_a_test_with_readable_ids(pytester):
+    pytester.makeini("""
+        [pytest]
+        pylguest_kernels =
+            stock = /k/bzImage-6.1, /k/initramfs.cpio
+            next = /k/bzImage-6.6
+    """)
+    pytester.makepyfile(test_user="""
+        def test_boots(guest):
+            pass
+        def test_reads(module_guest):
+            pass
+        def test_no_guest():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("--collect-only", "-q")
+    ids = [line for line in result.stdout.lines if "::" in line]
+    assert ids == ["test_user.py::test_boots[stock]", "test_user.py::test_boots[next]",
+                   "test_user.py::test_reads", "test_user.py::test_no_guest"]
+
+
+def test_a_bad_kernels_line_is_one_usage_error(pytester):
+    pytester.makeini("""
+        [pytest]
+        pylguest_kernels = =nothing
+    """)
+    pytester.makepyfile(test_user="def test_boots(guest): pass")
+    result = pytester.runpytest_subprocess("-q")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "pylguest_kernels: bad line '=nothing'" in result.stderr.str()
+
+
+def test_without_a_kernel_the_test_is_told_what_to_run(pytester, monkeypatch, tmp_path):
+    monkeypatch.delenv("PYLGUEST_KERNEL", raising=False)
+    monkeypatch.setattr(plugin, "own_build", lambda: tmp_path / "nothing-built")
+    pytester.makepyfile(test_user="def test_boots(guest): pass")
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    assert plugin.NO_KERNEL in result.stdout.str()
+
+
+def test_the_lookup_order(monkeypatch, pytestconfig, tmp_path):
+    monkeypatch.setenv("PYLGUEST_KERNEL", "/env/bzImage")
+    monkeypatch.setenv("PYLGUEST_INITRD", "/env/initrd")
+    assert plugin.default_kernel(pytestconfig) == ("default", "/env/bzImage", "/env/initrd")
+    monkeypatch.delenv("PYLGUEST_KERNEL")
+    monkeypatch.delenv("PYLGUEST_INITRD")
+    (tmp_path / "bzImage").write_bytes(b"")
+    monkeypatch.setattr(plugin, "own_build", lambda: tmp_path)
+    assert plugin.default_kernel(pytestconfig) == ("default", str(tmp_path / "bzImage"),
+                                                   str(tmp_path / "initramfs.cpio"))
+
+
+USER_TESTS = """
+    def test_uname(guest):
+        assert guest.succeed("uname -r").startswith("6.1")
+
+    def test_files_and_a_failing_command(guest, tmp_path):
+        (tmp_path / "sent").write_bytes(b"from the host\\n")
+        guest.copy_to(tmp_path / "sent", "/tmp/file")
+        guest.copy_from("/tmp/file", tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == b"from the host\\n"
+        failed = guest.fail("ls /nonexistent")
+        assert failed.status == 1 and "nonexistent" in failed.stderr
+
+    def test_deliberately_failing(guest):
+        guest.succeed("echo marker-in-the-transcript")
+        assert guest.run("echo on-stderr >&2; exit 5").status == 0
+"""
+
+
+@pytest.mark.slow
+def test_a_users_suite_under_xdist_and_its_failure_report(pytester, kvm_available, wall_time):
+    # The guest fixture finds pylguest's own kernel and initramfs with no
+    # configuration at all (they are built by `make linux`).
+    if plugin.default_kernel(pytester._request.config).kernel is None:
+        pytest.skip(plugin.NO_KERNEL)
+    pytest.importorskip("xdist", reason="pytest-xdist is needed: pip install -e '.[test]'")
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", timeout=400)
+    wall_time("three boots on two workers")
+    out = result.stdout.str()
+    result.assert_outcomes(passed=2, failed=1)
+    assert "gw0" in out and "gw1" in out                  # two workers
+    # The failure explains itself: the console's tail, the commands, the logs.
+    assert "pylguest guest: console" in out and "Run /init as init process" in out
+    assert "$ /bin/sh -c 'echo marker-in-the-transcript'" in out
+    assert "exit status 5" in out and "on-stderr" in out
+    logs = [line.strip() for line in result.stdout.lines if line.strip().endswith(
+        ("guest0-console.log", "guest0-commands.txt"))]
+    assert len(logs) == 2 and all(os.path.exists(path) for path in logs), logs
+    assert "marker-in-the-transcript" in open(logs[1]).read()
