@@ -2,12 +2,14 @@
 
 import os
 import tempfile
+import socket
 from types import SimpleNamespace
 
 import pytest
 
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
+from pylguest.devices.agent_port import AgentPortDevice
 from pylguest.devices.options import create_devices, parse_block, parse_console, parse_net
 from pylguest.devices.rng import RngDevice
 from pylguest.errors import UsageError
@@ -82,8 +84,9 @@ def test_parse_console_errors(spec):
 
 # --- create_devices
 
-def config(console=None, block=(), net=(), rng=False):
-    return SimpleNamespace(console=console, block=list(block), net=list(net), rng=rng)
+def config(console=None, block=(), net=(), rng=False, agent=None):
+    return SimpleNamespace(console=console, block=list(block), net=list(net), rng=rng,
+                           agent=agent)
 
 
 class Output:
@@ -99,18 +102,23 @@ def test_create_devices_in_bus_order(tmp_path):
     for image in images:
         image.write_bytes(bytes(1024))
     out = Output()
-    devices, socket_console = create_devices(
-        config(console="stdio", block=[f"{images[0]},ro", str(images[1])], rng=True), out)
+    ours, theirs = socket.socketpair()
+    devices, socket_console, agent_channel = create_devices(
+        config(console="stdio", block=[f"{images[0]},ro", str(images[1])], rng=True,
+               agent=f"fd:{theirs.detach()}"), out)
     try:
-        assert socket_console is None
-        assert [d.name for d in devices] == ["console0", "block0", "block1", "rng0"]
-        assert [type(d) for d in devices] == [ConsoleDevice, BlockDevice, BlockDevice, RngDevice]
+        assert socket_console is None and agent_channel is not None
+        assert [d.name for d in devices] == ["console0", "block0", "block1", "rng0", "agent0"]
+        assert [type(d) for d in devices] == [ConsoleDevice, BlockDevice, BlockDevice, RngDevice,
+                                              AgentPortDevice]
         assert devices[1].read_only and not devices[2].read_only
         devices[0].output(b"to stdio")
         assert out.written == [b"to stdio"]
     finally:
         for device in devices:
             device.close()
+        agent_channel.close()
+        ours.close()
 
 
 def test_create_devices_closes_what_it_opened_on_error(tmp_path):
