@@ -9,11 +9,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 import pytest
 
-from pylguest.boot.cmdline import compose, merge_clearcpuid, split_words
+from pylguest.boot.cmdline import compose, merge_clearcpuid, merge_tunables, split_words
 from pylguest.errors import UsageError
 
 PAGE = 0x10000000
 OURS = "popcnt,smap,avx,avx2,avx512f,fma,cx16,xsave,erms,fsrm"
+
+# init's environment on an emulating KVM, as the docstring lists it.
+HWCAPS = "-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL"
+NUMPY = ("AVX,F16C,XOP,FMA4,FMA3,AVX2,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,AVX512_SKX,"
+         "AVX512_CLX,AVX512_CNL,AVX512_ICL,AVX512_SPR,X86_V3,X86_V4")
+ENV = {
+    "GLIBC_TUNABLES": f"glibc.cpu.hwcaps={HWCAPS}",
+    "OPENSSL_ia32cap": "~0x1000000000000000:~0x600c0230020:~0x80000000000000:~0x80000",
+    "NPY_DISABLE_CPU_FEATURES": NUMPY,
+    "OPENBLAS_CORETYPE": "Nehalem",
+    "GODEBUG": "cpu.avx=off,cpu.avx2=off",
+}
+ENV_WORDS = " ".join(f"{key}={value}" for key, value in ENV.items())
 
 
 def linux(user=None, emulating=False, command=None):
@@ -35,7 +48,7 @@ def test_a_command_makes_linux_quiet():
 
 def test_emulating_kvm_adds_one_clearcpuid_and_no_noxsave():
     line = linux(emulating=True)
-    assert line == f"console=ttyS0 clearcpuid={OURS} lguest.devices=0x10000000"
+    assert line == f"console=ttyS0 clearcpuid={OURS} {ENV_WORDS} lguest.devices=0x10000000"
     assert "noxsave" not in line
 
 
@@ -91,3 +104,133 @@ def test_merging_keeps_every_word_and_every_name_once(words):
     first = next(i for i, w in enumerate(words) if w.startswith("clearcpuid="))
     assert merged.index(clears[0]) == first
     assert clears[0][11:].split(",") == list(dict.fromkeys(given_names))
+
+
+# -- init's environment on an emulating KVM ------------------------------------------
+
+
+def env_words(line):
+    """{key: value} of the line's words whose key is one of ours, and how
+    many words each had."""
+    words = [w.partition("=") for w in split_words(line) if w.partition("=")[0] in ENV]
+    assert len(words) == len({key for key, _, _ in words}), line     # one word each
+    return {key: value for key, _, value in words}
+
+
+def test_emulating_kvm_gives_init_five_variables_after_clearcpuid():
+    words = linux(emulating=True, command=["true"]).split()
+    assert words[:3] == ["console=ttyS0", "quiet", f"clearcpuid={OURS}"]
+    assert words[3:8] == ENV_WORDS.split()
+    assert env_words(" ".join(words)) == ENV
+
+
+@pytest.mark.parametrize("user", [None, "GLIBC_TUNABLES=glibc.malloc.check=3"])
+def test_hardware_kvm_gets_none_of_them_and_the_users_word_is_left_alone(user):
+    line = linux(user)
+    assert all(key not in line for key in ENV if key != "GLIBC_TUNABLES" or user is None)
+    if user:
+        assert line == f"console=ttyS0 {user} lguest.devices=0x10000000"
+
+
+def test_a_teaching_guest_gets_none_of_them():
+    line = compose("GODEBUG=x=1", linux=False, emulating=True, command=None, device_page=PAGE)
+    assert line == "GODEBUG=x=1 lguest.devices=0x10000000"
+
+
+def test_the_users_tunables_are_kept_and_ours_added_in_one_word():
+    line = linux("loglevel=4 GLIBC_TUNABLES=glibc.malloc.check=3:glibc.mem.tagging=1",
+                 emulating=True)
+    assert env_words(line)["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.check=3:glibc.mem.tagging=1:glibc.cpu.hwcaps={HWCAPS}"
+    # In the place of ours, before the user's other words.
+    words = line.split()
+    assert words.index("loglevel=4") > words.index(
+        f"GLIBC_TUNABLES=glibc.malloc.check=3:glibc.mem.tagging=1:glibc.cpu.hwcaps={HWCAPS}")
+
+
+def test_the_users_hwcaps_list_and_ours_become_one_theirs_first():
+    line = linux("GLIBC_TUNABLES=glibc.cpu.hwcaps=-SSE4_2,AVX_Fast_Unaligned_Load:"
+                 "glibc.cpu.x86_rep_movsb_threshold=4096", emulating=True)
+    # The user names AVX_Fast_Unaligned_Load themselves: theirs stands, ours goes.
+    assert env_words(line)["GLIBC_TUNABLES"] == (
+        "glibc.cpu.hwcaps=-SSE4_2,AVX_Fast_Unaligned_Load,-AVX2,-AVX512F,-AVX512VL:"
+        "glibc.cpu.x86_rep_movsb_threshold=4096")
+
+
+def test_lists_are_merged_and_single_values_are_the_users():
+    line = linux('NPY_DISABLE_CPU_FEATURES="AVX512F AVX512_SKX" GODEBUG=cpu.avx=on,gctrace=1 '
+                 "OPENBLAS_CORETYPE=Haswell OPENSSL_ia32cap=~0x200000000000000",
+                 emulating=True)
+    env = env_words(line)
+    assert env["NPY_DISABLE_CPU_FEATURES"] == "AVX512F,AVX512_SKX," + ",".join(
+        name for name in NUMPY.split(",") if name not in ("AVX512F", "AVX512_SKX"))
+    assert env["GODEBUG"] == "cpu.avx=on,gctrace=1,cpu.avx2=off"
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"
+    assert env["OPENSSL_ia32cap"] == "~0x200000000000000"
+    assert env["GLIBC_TUNABLES"] == ENV["GLIBC_TUNABLES"]
+
+
+def test_an_empty_value_of_the_users_removes_ours():
+    line = linux("GODEBUG= NPY_DISABLE_CPU_FEATURES=", emulating=True)
+    env = env_words(line)
+    assert env["GODEBUG"] == "" and env["NPY_DISABLE_CPU_FEATURES"] == ""
+    assert env["GLIBC_TUNABLES"] == ENV["GLIBC_TUNABLES"]
+
+
+def test_the_last_of_the_users_words_counts_as_linux_would():
+    line = linux("OPENBLAS_CORETYPE=Zen OPENBLAS_CORETYPE=Prescott", emulating=True)
+    assert env_words(line)["OPENBLAS_CORETYPE"] == "Prescott"
+
+
+def test_words_after_a_double_dash_are_inits_arguments_and_stay():
+    line = linux("loglevel=4 -- GODEBUG=cpu.all=on single", emulating=True)
+    words = line.split()
+    tail = words[words.index("--"):]
+    assert tail[:3] == ["--", "GODEBUG=cpu.all=on", "single"]
+    assert f"GODEBUG={ENV['GODEBUG']}" in words[:words.index("--")]
+
+
+def test_a_merged_value_with_blanks_is_quoted():
+    # NumPy takes blanks between names; a merged list is written with commas.
+    line = linux('NPY_DISABLE_CPU_FEATURES="AVX2  AVX"', emulating=True)
+    assert "NPY_DISABLE_CPU_FEATURES=AVX2,AVX," in line
+    assert linux('OPENBLAS_CORETYPE="a b"', emulating=True).count('OPENBLAS_CORETYPE="a b"') == 1
+
+
+def test_more_init_variables_than_linux_takes_are_refused():
+    # 32 at most, HOME and TERM among them: ours are five, so 25 of the user's fit.
+    fits = " ".join(f"VAR{i}=1" for i in range(25))
+    assert "VAR24=1" in linux(fits, emulating=True)
+    with pytest.raises(UsageError, match="at most 30"):
+        linux(fits + " VAR25=1", emulating=True)
+    # Lower-case keys are kernel parameters, a repeated key is one variable,
+    # and HOME and TERM replace Linux's own.
+    assert linux(fits + " loglevel=4 VAR0=2 TERM=xterm HOME=/root", emulating=True)
+
+
+# -- the tunables rule as a property ---------------------------------------------
+
+features = st.sampled_from(["AVX2", "-AVX2", "-AVX512F", "-SSE4_2", "Prefer_ERMS",
+                            "-AVX_Fast_Unaligned_Load", "-ERMS"])
+tunable = st.one_of(
+    st.sampled_from(["glibc.malloc.check=3", "glibc.pthread.rseq=0", "glibc.mem.tagging=1"]),
+    st.lists(features, min_size=1, max_size=4).map(lambda f: "glibc.cpu.hwcaps=" + ",".join(f)))
+
+
+@given(st.lists(tunable, min_size=1, max_size=3).map(":".join))
+def test_merging_tunables_keeps_the_users_and_adds_ours_where_unnamed(user):
+    hwcaps = "glibc.cpu.hwcaps="
+    given_tunables = user.split(":")
+    merged = merge_tunables(user, hwcaps + HWCAPS).split(":")
+    lists = [i for i, t in enumerate(given_tunables) if t.startswith(hwcaps)]
+    if not lists:
+        assert merged == given_tunables + [hwcaps + HWCAPS]
+        return
+    # The user's tunables stay, in order; the last hwcaps list (glibc keeps
+    # only that one) gets ours for each feature it does not name.
+    last = lists[-1]
+    assert merged[:last] + merged[last + 1:] == given_tunables[:last] + given_tunables[last + 1:]
+    theirs = given_tunables[last][len(hwcaps):].split(",")
+    named = {entry.lstrip("-") for entry in theirs}
+    assert merged[last] == hwcaps + ",".join(
+        theirs + [entry for entry in HWCAPS.split(",") if entry.lstrip("-") not in named])

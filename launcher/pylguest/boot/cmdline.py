@@ -47,12 +47,14 @@ dot to init's environment:
 
     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL
         glibc 2.33 and later (older ones spell the names differently).
-        The first two leave no string function that touches ymm on an
-        AVX2 host, and neither does alone (avx_switch's `strings` check,
-        guests/linux/selftest/avx_switch.c); the AVX-512 variants that
-        they do not already exclude are chosen by AVX512F (memmove,
-        memset) and AVX512VL (strstr, the EVEX ones), in glibc's ifunc
-        selectors.  -AVX would change only libm's xmm-only variants.
+        With a context switch forced inside memcpy and memset (`avx_switch
+        copy`, guests/linux/selftest/avx_switch.c) every copy came out
+        wrong without them, -AVX2 alone left memcpy's wrong and
+        -AVX_Fast_Unaligned_Load alone memset's; with both no string
+        function touches ymm (`avx_switch strings`).  AVX512F (memmove,
+        memset) and AVX512VL (strstr, the EVEX variants) choose the
+        AVX-512 variants in glibc's ifunc selectors.  -AVX would change
+        only libm's variants, which use xmm alone.
     OPENSSL_ia32cap=~0x1000000000000000:~0x600c0230020:~0x80000000000000:~0x80000
         OpenSSL (OPENSSL_ia32cap(3)): AVX (bit 60 of the first vector);
         AVX2, AVX512F/DQ/IFMA/BW/VL, VAES, VPCLMULQDQ (bits 5, 16, 17,
@@ -212,6 +214,7 @@ def check_environment(words):
     """Refuse more variables for init than Linux takes (it would panic)."""
     end = words.index("--") if "--" in words else len(words)
     keys = {p[0] for p in map(parameter, words[:end]) if p and _ENV_KEY.match(p[0])}
+    keys -= {"HOME", "TERM"}             # Linux's own two: given again, they replace them
     if len(keys) > INIT_ENV_MAX:
         raise UsageError(f"the command line gives init {len(keys)} environment variables; "
                          f"Linux takes at most {INIT_ENV_MAX} besides HOME and TERM")
