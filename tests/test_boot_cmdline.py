@@ -186,8 +186,23 @@ def test_words_after_a_double_dash_are_inits_arguments_and_stay():
     line = linux("loglevel=4 -- GODEBUG=cpu.all=on single", emulating=True)
     words = line.split()
     tail = words[words.index("--"):]
-    assert tail[:3] == ["--", "GODEBUG=cpu.all=on", "single"]
+    assert tail == ["--", "GODEBUG=cpu.all=on", "single"]
     assert f"GODEBUG={ENV['GODEBUG']}" in words[:words.index("--")]
+
+
+def test_the_launchers_last_words_go_before_a_users_double_dash():
+    # After `--` a word is init's argument: the device page and the agent's
+    # port must reach the kernel, so they come before it.
+    line = compose("quiet -- single", linux=True, emulating=False, command=None,
+                   device_page=PAGE, agent_port="org.pylguest.agent")
+    assert line == ("console=ttyS0 quiet pylguest.agent=org.pylguest.agent "
+                    "lguest.devices=0x10000000 -- single")
+
+
+def test_the_agent_port_is_named_before_the_device_page():
+    line = compose(None, linux=True, emulating=False, command=None, device_page=PAGE,
+                   agent_port="org.pylguest.agent")
+    assert line == "console=ttyS0 pylguest.agent=org.pylguest.agent lguest.devices=0x10000000"
 
 
 def test_a_merged_value_with_blanks_is_quoted():

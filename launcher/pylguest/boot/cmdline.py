@@ -237,7 +237,10 @@ def compose(user, *, linux, emulating, command, device_page, agent_port=None):
         if emulating:
             words = merge_environment(words, EMULATING_KVM_ENVIRONMENT)
         check_environment(words)
+    # Everything after a user's `--` is init's argv, not the kernel's: our
+    # last words go before it.
+    end = words.index("--") if "--" in words else len(words)
+    last = [f"lguest.devices=0x{device_page:x}"]
     if agent_port is not None:
-        words.append(f"pylguest.agent={agent_port}")
-    words.append(f"lguest.devices=0x{device_page:x}")
-    return " ".join(words)
+        last.insert(0, f"pylguest.agent={agent_port}")
+    return " ".join(words[:end] + last + words[end:])
