@@ -29,6 +29,17 @@ def kvm_available():
     return True
 
 
+@pytest.fixture(scope="session")
+def linux():
+    """pylguest's kernel and initramfs (make linux); skip (saying why) if absent."""
+    build = ROOT / "build" / "linux"
+    kernel, initramfs = build / "bzImage", build / "initramfs.cpio"
+    for path in (kernel, initramfs):
+        if not path.exists():
+            pytest.skip(f"{path} is not built: run `make linux`")
+    return kernel, initramfs
+
+
 @pytest.fixture
 def memory():
     """1 MiB of plain guest memory for device tests (tests/virtio_rig.py);

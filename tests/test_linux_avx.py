@@ -20,7 +20,9 @@ OpenBLAS and Go to SSE (boot/cmdline.py).  These tests:
   - run the pipeline that crashed one time in three or ten before the
     tunables (`printf x | od | tr -d x`) 30 times, in each of two boots.
 
-Two boots in all: one for everything, one more for the pipelines.
+Everything but the second round of pipelines runs in the run's shared
+session guest (the plugin's session_guest; avx_switch is copied in), so
+this file costs one boot of its own: the pipelines' second boot.
 """
 
 import re
@@ -33,8 +35,6 @@ import pytest
 from conftest import ROOT, WALL_TIME
 from pylguest import Guest
 from pylguest.boot.cmdline import EMULATING_KVM_ENVIRONMENT
-from pylguest.boot.cpio import Archive
-from pylguest.boot.initrd import append_archive
 from pylguest.kvm import detect_kvm_kind
 
 BUILD = ROOT / "build" / "linux"
@@ -48,19 +48,19 @@ pytestmark = pytest.mark.slow
 PIPELINE_LOOP = f"""
 want='0000000 000170
 0000001'
-failed=0 i=0
+failed=0 i=0 before=$(dmesg | grep -c 'segfault at')
 while [ $i -lt {PIPELINES} ]; do
     out=$(printf x | od | tr -d x)
     [ "$out" = "$want" ] || {{ failed=$((failed + 1)); echo "pipeline $i gave: [$out]"; }}
     i=$((i + 1))
 done
-echo "pipelines: $failed of {PIPELINES} failed, $(dmesg | grep -c 'segfault at') segfaults"
+echo "pipelines: $failed of {PIPELINES} failed, $(($(dmesg | grep -c 'segfault at') - before)) segfaults"
 """
 
 # "bare": without the launcher's GLIBC_TUNABLES (an empty value is none).
 EVERYTHING = """
 tr '\\0' '\\n' < /proc/1/environ | sed 's/^/init env: /'
-if [ -x /bin/avx_switch ]; then
+if [ -x /tmp/bin/avx_switch ]; then
     avx_switch 200; echo "avx_switch: exit $?"
     avx_switch strings; echo "avx_switch strings: exit $?"
     avx_switch copy; echo "avx_switch copy: exit $?"
@@ -77,28 +77,14 @@ def emulating():
 
 
 @pytest.fixture(scope="module")
-def linux():
-    kernel, initramfs = BUILD / "bzImage", BUILD / "initramfs.cpio"
-    for path in (kernel, initramfs):
-        if not path.exists():
-            pytest.skip(f"{path} is not built: run `make linux`")
-    return kernel, initramfs
-
-
-@pytest.fixture(scope="module")
-def avx_initramfs(linux, tmp_path_factory):
-    """pylguest's initramfs plus /bin/avx_switch, or None without gcc."""
+def avx_switch(tmp_path_factory):
+    """guests/linux/selftest/avx_switch.c built for the guest, or None without gcc."""
     if not shutil.which("gcc"):
         return None
-    work = tmp_path_factory.mktemp("avx")
-    binary = work / "avx_switch"
+    binary = tmp_path_factory.mktemp("avx") / "avx_switch"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(SELFTEST)],
                    check=True, timeout=120)
-    archive = Archive(first_ino=0x60000000)
-    archive.file("bin/avx_switch", binary.read_bytes(), perm=0o755)
-    initrd = work / "initramfs.cpio"
-    initrd.write_bytes(append_archive(linux[1].read_bytes(), archive.finish()))
-    return initrd
+    return binary
 
 
 def boot(kernel, initrd, script):
@@ -110,11 +96,15 @@ def boot(kernel, initrd, script):
 
 
 @pytest.fixture(scope="module")
-def first_boot(kvm_available, linux, avx_initramfs):
-    """One boot that runs every check; its output, status and seconds."""
-    guest, status, seconds = boot(linux[0], avx_initramfs or linux[1], EVERYTHING)
-    assert status == 0, guest.output + guest.stderr
-    return guest.output, seconds
+def first_boot(kvm_available, session_guest, avx_switch):
+    """Every check, run in the shared session guest: its output and seconds."""
+    if avx_switch is not None:
+        session_guest.succeed("mkdir -p /tmp/bin")
+        session_guest.copy_to(avx_switch, "/tmp/bin/avx_switch")
+    result = session_guest.run(["sh", "-c", EVERYTHING], timeout=600,
+                               env={"PATH": "/tmp/bin:/sbin:/bin:/usr/sbin:/usr/bin"})
+    assert result.status == 0, result.describe()
+    return result.stdout, result.duration
 
 
 def record(request, what, seconds):
@@ -144,10 +134,10 @@ def pipeline_failures(output):
 # -- (a) the registers across a context switch --------------------------------------
 
 
-def test_avx_registers_across_a_context_switch(first_boot, avx_initramfs, request):
+def test_avx_registers_across_a_context_switch(first_boot, avx_switch, request):
     output, seconds = first_boot
-    record(request, "boot with every check", seconds)
-    if avx_initramfs is None:
+    record(request, "every check in the session guest", seconds)
+    if avx_switch is None:
         pytest.skip("gcc is needed to build avx_switch: run `make deps`")
     status, summary = avx_switch_result(output, "switch")
     if status == 77:
@@ -184,8 +174,8 @@ def test_the_switches_reach_inits_environment(first_boot):
         assert not set(ours) & set(environment), "hardware KVM needs none of them"
 
 
-def test_glibc_chooses_no_string_function_that_touches_ymm(first_boot, avx_initramfs):
-    if avx_initramfs is None:
+def test_glibc_chooses_no_string_function_that_touches_ymm(first_boot, avx_switch):
+    if avx_switch is None:
         pytest.skip("gcc is needed to build avx_switch: run `make deps`")
     if not emulating():
         pytest.skip("hardware KVM keeps the AVX state: glibc may use AVX there")
@@ -199,10 +189,10 @@ def test_glibc_chooses_no_string_function_that_touches_ymm(first_boot, avx_initr
     assert status == 0, f"GLIBC_TUNABLES left AVX string functions: {summary}"
 
 
-def test_a_switch_inside_memcpy_leaves_the_copy_right(first_boot, avx_initramfs):
+def test_a_switch_inside_memcpy_leaves_the_copy_right(first_boot, avx_switch):
     """The pipeline's crash made to happen every time: a context switch
     between glibc's loads and stores (avx_switch copy)."""
-    if avx_initramfs is None:
+    if avx_switch is None:
         pytest.skip("gcc is needed to build avx_switch: run `make deps`")
     output, _ = first_boot
     status, summary = avx_switch_result(output, "copy")
@@ -223,7 +213,7 @@ def test_a_switch_inside_memcpy_leaves_the_copy_right(first_boot, avx_initramfs)
 # -- (b) the pipeline that crashed, in two boots ------------------------------------
 
 
-def test_pipelines_in_the_first_boot(first_boot):
+def test_pipelines_in_the_session_guest(first_boot):
     failed, segfaults = pipeline_failures(first_boot[0])
     assert failed == 0, (f"{failed} of {PIPELINES} pipelines failed ({segfaults} segfaults):"
                          f"\n{first_boot[0]}")

@@ -34,15 +34,6 @@ GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def linux():
-    kernel, initramfs = BUILD / "bzImage", BUILD / "initramfs.cpio"
-    for path in (kernel, initramfs):
-        if not path.exists():
-            pytest.skip(f"{path} is not built: run `make linux`")
-    return kernel, initramfs
-
-
 def boot(linux, command, extra_args=(), **kwargs):
     kernel, initramfs = linux
     return Guest(kernel, initrd=initramfs, timeout=GUEST_TIMEOUT, extra_args=list(extra_args),

@@ -105,6 +105,17 @@ static uint64_t pattern(int proc, int reg, int lane, long round)
            | (uint64_t)lane << 32 | (uint32_t)round;
 }
 
+/* Two processes on one CPU take turns: pin first, so the child is pinned too. */
+static pid_t fork_on_one_cpu(void)
+{
+    pin_to_one_cpu();
+    fflush(stdout);
+    pid_t child = fork();
+    if (child < 0)
+        perror("avx_switch: fork");
+    return child;
+}
+
 static int owner(uint64_t value)   /* whose pattern this is, or -1 */
 {
     return (value >> 48) == 0xa5a5 ? (int)((value >> 44) & 0xf) - 1 : -1;
@@ -369,13 +380,9 @@ static int copy(long rounds)
         perror("avx_switch");
         return 2;
     }
-    pin_to_one_cpu();
-    fflush(stdout);
-    pid_t child = fork();
-    if (child < 0) {
-        perror("avx_switch: fork");
+    pid_t child = fork_on_one_cpu();
+    if (child < 0)
         return 2;
-    }
     if (child == 0)
         leave_ee(other_turns);
     struct sigaction action = {.sa_sigaction = yield_and_unprotect, .sa_flags = SA_SIGINFO};
@@ -464,13 +471,9 @@ int main(int argc, char **argv)
         return 2;
     }
     memset(t, 0, 2 * sizeof *t);
-    pin_to_one_cpu();
-    fflush(stdout);
-    pid_t child = fork();
-    if (child < 0) {
-        perror("avx_switch: fork");
+    pid_t child = fork_on_one_cpu();
+    if (child < 0)
         return 2;
-    }
     take_turns(child == 0, rounds, &t[child == 0], &t[child != 0]);
     if (child == 0)
         _exit(0);
