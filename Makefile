@@ -72,6 +72,7 @@ bench: install guests
 	$(PYTHON) bench/net_throughput.py
 	$(PYTHON) bench/disk_parallelism.py
 	$(PYTHON) bench/linux_boot.py
+	$(PYTHON) bench/agent_channel.py
 
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:
