@@ -52,19 +52,22 @@ WAIT = 15.0                      # seconds any one answer may take
 # -- building and starting the agent --------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def agent_binary(tmp_path_factory):
-    """agent.c built static, as the initramfs carries it."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed (Debian: apt-get install gcc)")
+@pytest.fixture(scope="session", params=["musl-gcc", "gcc"])
+def agent_binary(request, tmp_path_factory):
+    """agent.c built static: with musl, as the initramfs carries it (the
+    Makefile), and with glibc, which any C toolchain has."""
+    cc = request.param
+    if shutil.which(cc) is None:
+        pytest.skip(f"{cc} is not installed (Debian: apt-get install "
+                    f"{'musl-tools' if cc == 'musl-gcc' else 'gcc'}; `make deps` does)")
     work = tmp_path_factory.mktemp("agent")
     probe = work / "probe.c"
     probe.write_text("int main(void) { return 0; }\n")
-    if subprocess.run(["gcc", "-static", "-o", work / "probe", probe],
+    if subprocess.run([cc, "-static", "-o", work / "probe", probe],
                       capture_output=True, timeout=60).returncode != 0:
-        pytest.skip("gcc cannot link statically: glibc's libc.a is missing (libc6-dev)")
+        pytest.skip(f"{cc} cannot link statically: its libc.a is missing")
     binary = work / "pylguest-agent"
-    result = subprocess.run(["gcc", *CFLAGS, "-o", binary, SOURCE],
+    result = subprocess.run([cc, *CFLAGS, "-o", binary, SOURCE],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"agent.c does not build cleanly:\n{result.stderr}"
     return binary
