@@ -62,6 +62,25 @@ def test_without_a_kernel_the_test_is_told_what_to_run(pytester, monkeypatch, tm
     assert plugin.NO_KERNEL in result.stdout.str()
 
 
+@pytest.mark.parametrize("test_file, why", [
+    ("import pytest\n@pytest.mark.pylguest(memory='512M')\ndef test_boots(guest): pass\n",
+     "pylguest marker: memory is not known; use boot_timeout, cmdline,"),
+    ("import pytest\n@pytest.mark.pylguest(boot_timeout='soon')\ndef test_boots(guest): pass\n",
+     "pylguest: boot timeout 'soon' is not a positive number of seconds"),
+    ("def test_boots(guest_factory): guest_factory(timeout=-1)\n",
+     "pylguest: timeout -1 is not a positive number of seconds"),
+])
+def test_bad_guest_options_are_one_line_before_any_boot(pytester, tmp_path, test_file, why):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"not booted")
+    pytester.makepyfile(test_user=test_file)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                           f"--pylguest-kernel={kernel}")
+    assert result.ret != 0
+    assert why in result.stdout.str()
+    assert "Traceback" not in result.stdout.str()
+
+
 def test_the_lookup_order(monkeypatch, pytestconfig, tmp_path):
     monkeypatch.setenv("PYLGUEST_KERNEL", "/env/bzImage")
     monkeypatch.setenv("PYLGUEST_INITRD", "/env/initrd")

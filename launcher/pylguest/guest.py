@@ -265,10 +265,8 @@ class Guest:
     # -- a session: commands and files through the agent -------------------------
 
     def _session(self):
-        if self.session is None:
-            raise AgentError("this guest has no agent channel: create it with Guest(..., agent=True)")
-        if self.session.hello is None:
-            self.session.wait_ready(self.timeout)
+        """The session, once its agent has answered (waited for, bounded)."""
+        self.wait_ready()
         return self.session
 
     def wait_ready(self, timeout=None):
@@ -345,5 +343,6 @@ class Guest:
 
     @property
     def transcript(self):
-        """The session's commands so far (CommandResult each, the last 200)."""
+        """The session's last 200 commands, each described in a few lines
+        (argv, how it ended, its duration, the tails of its output)."""
         return [] if self.session is None else list(self.session.transcript)

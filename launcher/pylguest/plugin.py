@@ -77,6 +77,18 @@ def _setting(config, name):
     return value or config.getini(f"pylguest_{name}") or None
 
 
+def _seconds(value, where):
+    """A positive number of seconds from an option, ini key or marker."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        pytest.fail(f"pylguest: {where} {value!r} is not a positive number of seconds",
+                    pytrace=False)
+    return seconds
+
+
 def own_build():
     """pylguest's own build/linux, if pylguest runs from its clone."""
     import pylguest
@@ -145,11 +157,13 @@ class GuestFactory:
         self.guests = []
 
     def __call__(self, *, kernel=None, initrd=None, mem=None, cmdline=None, disks=(), net=(),
-                 rng=False, timeout=RUN_TIMEOUT, boot_timeout=None, extra_args=()):
-        """Boot one more guest and wait until its agent answers."""
+                 rng=False, timeout=None, boot_timeout=None, extra_args=()):
+        """Boot one more guest and wait until its agent answers.  What is
+        given here wins over the marker's keywords, which win over the
+        options and ini keys."""
         from pylguest.guest import Guest
         options = dict(self.marker_options)
-        given = dict(kernel=kernel, initrd=initrd, mem=mem, cmdline=cmdline,
+        given = dict(kernel=kernel, initrd=initrd, mem=mem, cmdline=cmdline, timeout=timeout,
                      boot_timeout=boot_timeout)
         options.update({k: v for k, v in given.items() if v is not None})
         kernel = options.get("kernel") or self.spec.kernel
@@ -167,15 +181,17 @@ class GuestFactory:
             args += ["--net", spec]
         if rng or options.get("rng"):
             args.append("--rng")
+        boot_timeout = _seconds(options.get("boot_timeout")
+                                or _setting(self.config, "boot_timeout") or BOOT_TIMEOUT,
+                                "boot timeout")
         guest = Guest(kernel, initrd=initrd, mem=options.get("mem") or _setting(self.config, "mem"),
                       cmdline=options.get("cmdline") or _setting(self.config, "cmdline"),
-                      timeout=options.get("timeout", timeout), extra_args=args, agent=True)
-        guest.boot_timeout = float(options.get("boot_timeout")
-                                   or _setting(self.config, "boot_timeout") or BOOT_TIMEOUT)
+                      timeout=_seconds(options.get("timeout", RUN_TIMEOUT), "timeout"),
+                      extra_args=args, agent=True)
         self.guests.append(guest)
         guest.start()
         try:
-            guest.wait_ready(guest.boot_timeout)
+            guest.wait_ready(boot_timeout)
         except Exception as e:
             raise BootFailed(f"the guest did not boot: {e}\nconsole ends with:\n"
                              f"{guest.output[-CONSOLE_TAIL:]}\nlauncher stderr:\n"
@@ -191,9 +207,19 @@ class BootFailed(Exception):
     """A guest fixture's guest did not come up."""
 
 
+MARKER_KEYWORDS = {"kernel", "initrd", "mem", "cmdline", "disks", "net", "rng", "timeout",
+                   "boot_timeout", "extra_args"}
+
+
 def _marker_options(request):
+    """The pylguest markers' keywords, the closest marker's winning."""
     options = {}
     for marker in reversed(list(request.node.iter_markers("pylguest"))):
+        unknown = sorted(set(marker.kwargs) - MARKER_KEYWORDS) + \
+            (["a positional argument"] if marker.args else [])
+        if unknown:
+            pytest.fail(f"pylguest marker: {', '.join(unknown)} is not known; use "
+                        f"{', '.join(sorted(MARKER_KEYWORDS))}", pytrace=False)
         options.update(marker.kwargs)
     return options
 
@@ -274,7 +300,7 @@ def pytest_runtest_makereport(item, call):
         report.sections.append((f"{label}: console (last {CONSOLE_TAIL} characters)",
                                 console[-CONSOLE_TAIL:] or "(nothing yet)"))
         report.sections.append((f"{label}: commands (last {TRANSCRIPT_TAIL})",
-                                "\n".join(r.describe() for r in commands[-TRANSCRIPT_TAIL:])
+                                "\n".join(commands[-TRANSCRIPT_TAIL:])
                                 or "(no command was run)"))
         if where is not None:
             log = where / f"guest{n}-console.log"
@@ -282,7 +308,7 @@ def pytest_runtest_makereport(item, call):
             try:
                 log.write_bytes(guest_.output_bytes + b"\n--- launcher stderr ---\n"
                                 + guest_.stderr.encode())
-                transcript.write_text("\n\n".join(r.describe() for r in commands) + "\n",
+                transcript.write_text("\n\n".join(commands) + "\n",
                                       errors="backslashreplace")
                 saved = f"{log}\n{transcript}"
             except OSError as e:

@@ -39,7 +39,7 @@ DEFAULT_TIMEOUT = 120.0          # seconds a command may run, unless told otherw
 GRACE = 15.0                     # how much longer than that the host waits for EXIT
 OUTPUT_LIMIT = 16 << 20          # bytes of each stream a result keeps
 TAIL = 2000                      # characters of each stream in an error message
-TRANSCRIPT_LENGTH = 200          # commands a session remembers for a failure report
+TRANSCRIPT_LENGTH = 200          # commands a session describes for a failure report
 STEP = 0.5                       # seconds between checks while a send waits
 
 
@@ -381,7 +381,9 @@ class Session:
             raise
         result = CommandResult(argv, *request.exit, *request.streams, request.dropped,
                                time.monotonic() - started)
-        self.transcript.append(result)
+        # What a failure report shows, not the result itself: 200 results
+        # could hold 200 times output_limit.
+        self.transcript.append(result.describe())
         return result
 
     def _abandon(self, request):
