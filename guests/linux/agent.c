@@ -7,6 +7,10 @@
  *				raw mode); the initramfs's /init starts it
  *	pylguest-agent --fd N	serve it on an open file descriptor (the
  *				tests run it on the host, over a socket pair)
+ *	pylguest-agent --root DIR PORT
+ *				open the port, then chroot to DIR: with
+ *				`pylguest run --root`, commands run in the
+ *				root the user chose, not in the initramfs
  *
  * The protocol is docs/abi.md, section 8.  Everything on the channel is a
  * frame: a 12-byte header and up to 64 KiB of payload.  The host opens
@@ -933,7 +937,7 @@ static int open_channel(int argc, char **argv)
 				quit(1, "%s: raw mode: %s", argv[1], strerror(errno));
 		}
 	} else {
-		quit(2, "usage: " NAME " PORT | " NAME " --fd N");
+		quit(2, "usage: " NAME " [--root DIR] PORT | " NAME " --fd N");
 	}
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
 	return fd;
@@ -942,6 +946,7 @@ static int open_channel(int argc, char **argv)
 int main(int argc, char **argv)
 {
 	struct hello hello = { VERSION, MAX_PAYLOAD, WINDOW, "" };
+	const char *root = NULL;
 
 	/*
 	 * fds 0-2 open (on /dev/null if need be), so that no pipe of ours
@@ -960,7 +965,16 @@ int main(int argc, char **argv)
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
 	set_up_signals();
 	setenv("PATH", DEFAULT_PATH, 0);
+	if (argc >= 3 && strcmp(argv[1], "--root") == 0) {
+		root = argv[2];
+		argv[2] = argv[0];
+		argc -= 2;
+		argv += 2;
+	}
 	channel = open_channel(argc, argv);
+	/* The port is open: from here on the commands' root is the user's. */
+	if (root && (chroot(root) < 0 || chdir("/") < 0))
+		quit(1, "--root %s: %s", root, strerror(errno));
 	memcpy(hello.name, NAME, sizeof(hello.name));
 	send_frame(0, FRAME_HELLO, &hello, sizeof(hello));
 	serve();

@@ -2,8 +2,9 @@
 
     pylguest run KERNEL [--initrd FILE] [--cmdline TEXT] [--mem SIZE]
                         [--timeout SECONDS] [--trace] [--decompress MODE]
-                        [--block PATH[,ro][,direct]]... [--net tap:NAME]... [--rng]
-                        [--console stdio|socket:PATH] [--agent fd:N]
+                        [--block PATH[,ro][,direct]]... [--net tap:NAME|user]... [--rng]
+                        [--share HOSTDIR[,tag=NAME][,ro][,at=PATH]]... [--root DIR|IMAGE[,rw]]
+                        [--virtiofsd PATH] [--console stdio|socket:PATH] [--agent fd:N]
                         [-- CMD [ARG...]]
     pylguest info
 
@@ -117,6 +118,20 @@ def build_parser():
     run.add_argument("--net", action="append", default=[], metavar="tap:NAME[,mac=MAC]",
                      help="a virtio network device on tap interface NAME (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio entropy device (/dev/urandom)")
+    run.add_argument("--share", action="append", default=[],
+                     metavar="HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH]",
+                     help="a host directory as a virtio-fs device served by virtiofsd "
+                          "(repeatable); pylguest's init mounts it at GUESTPATH (default "
+                          "/mnt/NAME; NAME defaults to share0, share1, ...); ro is enforced "
+                          "on the host")
+    run.add_argument("--root", metavar="DIR|IMAGE[,rw]",
+                     help="the guest's root file system: a host directory (over virtio-fs) "
+                          "or a disk image (virtio-blk); pylguest's init mounts it and runs "
+                          "the command in it. Writes go to an overlay in guest memory "
+                          "unless rw is given")
+    run.add_argument("--virtiofsd", metavar="PATH",
+                     help="the virtiofsd to run for --share and --root (default: Debian's "
+                          "/usr/lib/qemu/virtiofsd; also $PYLGUEST_VIRTIOFSD)")
     run.add_argument("--console", metavar="stdio|socket:PATH",
                      help="a virtio console on the terminal or on a unix socket")
     run.add_argument("--agent", metavar="fd:N",
@@ -143,7 +158,8 @@ def command_run(args, command=None):
                            timeout=parse_timeout(args.timeout) if args.timeout is not None else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
                            block=args.block, net=args.net, rng=args.rng, console=args.console,
-                           command=command, agent=args.agent)
+                           command=command, agent=args.agent, share=args.share,
+                           root=args.root, virtiofsd=args.virtiofsd)
     machine = Machine(config)
     try:
         with RawTerminal(0):

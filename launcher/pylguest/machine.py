@@ -70,6 +70,9 @@ class MachineConfig(NamedTuple):
     console: str = None                # None, "stdio" or "socket:PATH"
     command: list = None               # `-- CMD ARG...`: run by the initramfs's init
     agent: str = None                  # "fd:N": the agent channel's socket
+    share: tuple = ()                  # "HOSTDIR[,tag=NAME][,ro][,at=PATH]" each
+    root: str = None                   # "DIR|IMAGE[,rw]": the guest's root file system
+    virtiofsd: str = None              # the virtiofsd to run (None: Debian's)
 
 
 CONSOLE_FD = 1                         # guest console output goes to our stdout
@@ -109,8 +112,8 @@ class Machine:
         # Guest errors are rate-limited; console output written before one
         # is shown first (briefly: a stuck terminal must not stall us).
         self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
-        self.devices, self.socket_console, self.agent_channel = create_devices(config,
-                                                                               self.console)
+        (self.devices, self.socket_console, self.agent_channel,
+         self.init_words) = create_devices(config, self.console)
         self.bus = LguestBus(self.devices, self.stopping)
         self._create_vm()
         self._create_memory()
@@ -164,7 +167,7 @@ class Machine:
         self.cmdline = cmdline.compose(config.cmdline, linux=self.kernel.linux,
                                        emulating=self.kvm_kind.emulating,
                                        command=config.command, device_page=self.ram_top,
-                                       agent_port=agent_port)
+                                       agent_port=agent_port, init_words=self.init_words)
         write_boot_memory(self.memory, BootSetup(
             kernel=self.kernel, cmdline=encode_cmdline(self.cmdline, self.kernel),
             initrd=initrd, e820=self.e820, memory_end=self.regions[-1].end))

@@ -1,9 +1,15 @@
-"""Guest physical memory: one anonymous shared mmap, and one gate to it.
+"""Guest physical memory: one shared mapping of a memfd, and one gate to it.
 
 The guest's RAM, the lguest device page and the vrings above it are a
-single anonymous shared mapping, registered with KVM as one or two memory
-slots (two when RAM reaches above 3 GiB: the part above goes above 4 GiB, so
-the 32-bit MMIO hole stays free, docs/abi.md section 2).
+single shared mapping, registered with KVM as one or two memory slots (two
+when RAM reaches above 3 GiB: the part above goes above 4 GiB, so the
+32-bit MMIO hole stays free, docs/abi.md section 2).
+
+The mapping is of a memfd (an anonymous file), not of anonymous memory, so
+that another process can map the same pages: a vhost-user daemon serving a
+device (virtiofsd, devices/fs.py) is handed `fd` and reads and writes the
+guest's buffers itself, and the launcher never copies them.  Until a page
+is touched it costs nothing, as with anonymous memory.
 
 Every guest-physical access the launcher makes goes through `GuestMemory`,
 and every accessor (view, array, read, write, zero) checks its range the
@@ -21,6 +27,7 @@ guest that never uses a device never pays numpy's import (about 60% of
 """
 
 import mmap
+import os
 from typing import NamedTuple
 
 from pylguest._kvm import ffi
@@ -64,9 +71,16 @@ class GuestMemory:
     def __init__(self, regions):
         self.regions = tuple(regions)
         self.size = sum(r.size for r in self.regions)
-        # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
-        self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
-                              | getattr(mmap, "MAP_NORESERVE", 0))
+        # A memfd: see the module docstring.  MAP_NORESERVE: a 4 GiB guest
+        # that touches 100 MiB costs 100 MiB.
+        self.fd = os.memfd_create("pylguest-guest-memory", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED
+                                  | getattr(mmap, "MAP_NORESERVE", 0))
+        except BaseException:
+            os.close(self.fd)
+            raise
         self._bytes = None              # the numpy uint8 array, on first use
         address = ffi.from_buffer(self._map)
         self.host_address = int(ffi.cast("uintptr_t", address))
@@ -78,6 +92,14 @@ class GuestMemory:
             self._map.close()
         except BufferError:
             pass  # views handed out are still alive; the mapping goes at exit
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def host_address_of(self, gpa, length):
+        """Where [gpa, gpa+length) is in the launcher's address space (what
+        a vhost-user daemon is told a ring's address is), checked."""
+        return self.host_address + self._offset(gpa, length)
 
     def _offset(self, gpa, length):
         """The mmap offset of [gpa, gpa+length), or GuestMemoryError."""

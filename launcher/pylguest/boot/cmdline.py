@@ -19,6 +19,9 @@ Adding one option never loses the console.  The words, in order:
     (the user's --cmdline)
     pylguest.agent=NAME  with --agent: the name of the console port that is
                          the agent's channel (docs/abi.md, section 8)
+    pylguest.shares=...  with --share: TAG:GUESTPATH[:ro],... for init to mount
+    pylguest.root=...    with --root: virtiofs:TAG[:rw] or blk:vdX[:rw]
+    pylguest.net=dhcp    with --net user: init asks passt's DHCP server
     lguest.devices=0x..  always, last: where the device page is, for the
                          lguest bus driver (docs/linux.md)
 
@@ -220,9 +223,12 @@ def check_environment(words):
                          f"Linux takes at most {INIT_ENV_MAX} besides HOME and TERM")
 
 
-def compose(user, *, linux, emulating, command, device_page, agent_port=None):
+def compose(user, *, linux, emulating, command, device_page, agent_port=None,
+            init_words=()):
     """The whole command line, as one str.  `agent_port` names the agent
-    channel's console port when the machine has one."""
+    channel's console port when the machine has one; `init_words` are the
+    devices' words for pylguest's init (pylguest.shares=, pylguest.root=,
+    devices/options.py), which go with it, before lguest.devices=."""
     words = []
     if linux:
         words += LINUX_DEFAULTS
@@ -240,7 +246,7 @@ def compose(user, *, linux, emulating, command, device_page, agent_port=None):
     # Everything after a user's `--` is init's argv, not the kernel's: our
     # last words go before it.
     end = words.index("--") if "--" in words else len(words)
-    last = [f"lguest.devices=0x{device_page:x}"]
+    last = list(init_words) + [f"lguest.devices=0x{device_page:x}"]
     if agent_port is not None:
         last.insert(0, f"pylguest.agent={agent_port}")
     return " ".join(words[:end] + last + words[end:])

@@ -147,13 +147,20 @@ class LguestBus:
                                     report=self.report, trace=self.trace))
         hypercalls.register_notify(self.ram_top + slot.offset, f"{device.name} status",
                                    lambda addr, e=entry: self.status_changed(e))
+        # A device served by a daemon (vhost-user, devices/fs.py) is handed
+        # the eventfds themselves: the daemon waits on the kicks and raises
+        # the interrupt, and no thread of ours is on the request's path.
+        hands_off = device.hands_off_queues
         for index, vq in enumerate(slot.vqs):
-            kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            kick_fd = os.eventfd(0, os.EFD_CLOEXEC | (0 if hands_off else os.EFD_NONBLOCK))
             entry.kick_fds.append(kick_fd)          # before the ioctl: close() finds it
             vm.ioeventfd(kick_fd, layout.HYPERCALL_PAGE, 8, datamatch=vq.pfn << 12)
             hypercalls.register_kick(vq.pfn << 12, device.queue_label(index))
-            entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
-                                             on_kick=lambda i, e=entry: self.kicked(e, i)))
+            if not hands_off:
+                entry.workers.append(QueueWorker(device, index, kick_fd, self.trace,
+                                                 on_kick=lambda i, e=entry: self.kicked(e, i)))
+        if hands_off:
+            device.hand_off(entry.kick_fds, entry.irq_fd)
 
     # -- what the guest does -------------------------------------------------------
     #

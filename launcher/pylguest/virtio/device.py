@@ -106,6 +106,10 @@ class VirtioDevice(abc.ABC):
     type = 0
     queue_names = ()
     queue_sizes = ()
+    # True for a device whose queues a daemon serves (vhost-user,
+    # devices/fs.py): the bus then calls hand_off(kick_fds, irq_fd) with
+    # the queues' eventfds instead of starting a QueueWorker per queue.
+    hands_off_queues = False
 
     def __init__(self, name):
         self.name = name
