@@ -14,7 +14,8 @@ PYLGUEST = $(PYTHON) -m pylguest
 # initramfs is unpacked by emulated kernel code on an emulating KVM).
 APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
 	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2 \
-	flex bison bc libelf-dev libssl-dev patch e2fsprogs liburing-dev musl-tools
+	flex bison bc libelf-dev libssl-dev patch e2fsprogs liburing-dev musl-tools \
+	passt
 
 .PHONY: all deps install guests hello linux linux-hello test fuzz bench debian-kernel \
 	debian-initramfs clean

@@ -25,8 +25,18 @@ the rings are not counted on either side.  The frames use an IEEE local
 experimental ethertype and a destination that is nobody's, so the host's
 stack drops what the tap gives it at once.
 
+User mode (`--net user`, passt): the same device in stream mode, on one
+end of a SOCK_STREAM socket pair whose other end plays passt (every frame
+behind its 4-byte length, no virtio_net_hdr).  A thread reads and throws
+away what transmit sends, as passt would; receive's frames are written to
+the socket, framed, a batch at a time, before the timed service().
+Plain: os.write of each framed frame to the same socket, and os.readv
+of the same batch until EAGAIN.  The last column of those rows compares
+their ring with the tap's ring (target: 0.50 or more).  passt itself is
+not measured: its own TCP stack and the guest's are the rest of the path.
+
 Needs root and /dev/net/tun; where either is missing it says why and
-exits 0.
+exits 0 (the user-mode rows need neither, and are printed all the same).
 
     python bench/net_throughput.py [--frames 65536] [--sizes 64,1514]
 """
@@ -59,13 +69,16 @@ def frame(length):
 class Bench:
     """One NetDevice on a fresh tap, its two rings played by RingBuilders."""
 
-    def __init__(self, tap):
+    def __init__(self, tap, stream_fd=None):
         from pylguest.devices.net import NetDevice
         from pylguest.memory import GuestMemory, Region
         from pylguest.virtio.device import DeviceContext
         from pylguest.virtio.testing import RingBuilder
         self.memory = GuestMemory([Region(0, 8 << 20, 0)])
-        self.device = NetDevice("net0", tap, MAC)
+        if stream_fd is None:
+            self.device = NetDevice("net0", tap, MAC)
+        else:
+            self.device = NetDevice("net0", "user", MAC, tap_fd=stream_fd, stream=True)
         self.reports = []
         self.device.attach(DeviceContext(memory=self.memory, interrupt=lambda: None,
                                          report=self.reports.append))
@@ -170,6 +183,121 @@ def receive(bench, peer, length, frames):
     return plain, ring, got_plain, got_ring
 
 
+def framed(data):
+    return struct.pack("!I", len(data)) + data
+
+
+class Sink:
+    """passt's reading side: a thread that reads the socket and forgets."""
+
+    def __init__(self, sock):
+        import threading
+        self.sock, self.bytes, self.stop = sock, 0, False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        buffer = bytearray(1 << 20)
+        while not self.stop:
+            n = self.sock.recv_into(buffer)
+            if not n:
+                return
+            self.bytes += n
+
+    def wait_for(self, total, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while self.bytes < total and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert self.bytes >= total, (self.bytes, total)
+
+
+def stream_transmit(bench, sink, length, frames):
+    """As transmit(), through the stream device to the sink."""
+    fd = bench.device.tap
+    data = frame(length)
+    wire = framed(data)
+    start_bytes = sink.bytes
+    start = time.perf_counter()
+    for _ in range(frames):
+        os.write(fd, wire)
+    plain = time.perf_counter() - start
+    sink.wait_for(start_bytes + frames * len(wire))
+    for body in bench.body:
+        bench.memory.write(body, data)
+    for hdr in bench.hdr:
+        bench.memory.write(hdr, VNET_HDR)
+    before, start_bytes = bench.device.frames_sent, sink.bytes
+    ring = 0.0
+    for _ in range(frames // BATCH):
+        bench.fill(TRANSMITQ, length, write=False)
+        ring += bench.timed_service(TRANSMITQ)
+    sent = bench.device.frames_sent - before
+    assert sent == frames // BATCH * BATCH, sent
+    sink.wait_for(start_bytes + sent * len(wire))
+    return plain, ring
+
+
+def stream_receive(bench, peer, length, frames):
+    """As receive(), from the peer's end of the stream."""
+    fd = bench.device.tap
+    data = frame(length)
+    batch = framed(data) * BATCH
+    buffer = bytearray(len(batch))
+    batches = frames // BATCH
+    plain, got_plain = 0.0, 0
+    for _ in range(batches):
+        peer.sendall(batch)
+        start = time.perf_counter()
+        try:
+            while True:
+                got_plain += os.readv(fd, [buffer])
+        except BlockingIOError:
+            pass
+        plain += time.perf_counter() - start
+    got_plain //= len(framed(data))
+    ring, got_ring = 0.0, 0
+    rx = bench.rings[RECEIVEQ]
+    for _ in range(batches):
+        bench.fill(RECEIVEQ, ROOM, write=True)
+        peer.sendall(batch)
+        before = rx.used_idx
+        ring += bench.timed_service(RECEIVEQ)
+        taken = (rx.used_idx - before) & 0xFFFF
+        for n in range(before, before + taken):
+            assert rx.used_elem(n)[1] == len(VNET_HDR) + length, rx.used_elem(n)
+        got_ring += taken
+    return plain, ring, got_plain, got_ring
+
+
+def user_rows(sizes, frames, repeat):
+    """The user-mode rows: (name, plain frames, ring frames, plain s, ring s)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (ours, theirs):           # passt's socket buffers are the kernel's defaults
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    bench = Bench(None, stream_fd=ours.detach())
+    rows = []
+    try:
+        for length in sizes:
+            best = [float("inf")] * 4
+            counts = None
+            for _ in range(repeat):
+                sink = Sink(theirs)
+                tp, tr = stream_transmit(bench, sink, length, frames)
+                sink.stop = True
+                os.write(bench.device.tap, framed(frame(60)))   # wake it
+                sink.thread.join(5)
+                rp, rr, gp, gr = stream_receive(bench, theirs, length, frames)
+                best = [min(b, t) for b, t in zip(best, (tp, tr, rp, rr))]
+                counts = (gp, gr)
+            rows.append((f"user transmit {length} B", frames, frames, best[0], best[1]))
+            rows.append((f"user receive {length} B", *counts, best[2], best[3]))
+    finally:
+        bench.close()
+        theirs.close()
+    return rows
+
+
 def why_not():
     if os.geteuid() != 0:
         return "not root: a tap interface needs CAP_NET_ADMIN"
@@ -186,20 +314,52 @@ def main():
                         help="ethernet frame lengths in bytes, without the FCS (60 to 1514)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best counts")
     args = parser.parse_args()
+    frames = max(BATCH, args.frames // BATCH * BATCH)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tap_rows, tap = [], None
     reason = why_not()
     if reason:
-        print(f"net_throughput: skipped: {reason}")
-        return 0
+        print(f"net_throughput: tap rows skipped: {reason}")
+    else:
+        tap_rows, tap = tap_bench(sizes, frames, args.repeat)
+    user = user_rows(sizes, frames, args.repeat)
+    tap_ring = {name: nr / tr for name, _, nr, _, tr in tap_rows}
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if tap:
+        print(f"net device vs plain tap I/O: tap {tap} (IFF_VNET_HDR), {frames} frames per run")
+    print("user rows: the device in stream mode (--net user) on a socket pair, "
+          "the far end played by this script")
+    print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
+    print(f"ring: up to {BATCH} chains per service() call (queues of {NUM}); "
+          f"only service() timed; best of {args.repeat}")
+    print(f"{'':24}{'frames':>16}{'kfps':>9}{'kfps':>9}{'us/frame':>10}{'us/frame':>10}"
+          f"{'ring/':>8}{'user/':>8}")
+    print(f"{'':24}{'plain/ring':>16}{'plain':>9}{'ring':>9}{'plain':>10}{'ring':>10}"
+          f"{'plain':>8}{'tap':>8}")
+    for name, np_, nr, tp, tr in tap_rows + user:
+        fp, fr = np_ / tp, nr / tr
+        twin = tap_ring.get(name.removeprefix("user "))
+        versus = f"{fr / twin:8.2f}" if name.startswith("user ") and twin else ""
+        print(f"{name:24}{f'{np_}/{nr}':>16}{fp / 1e3:9.0f}{fr / 1e3:9.0f}"
+              f"{tp / np_ * 1e6:10.2f}{tr / nr * 1e6:10.2f}{fr / fp:8.2f}{versus}")
+    print("ring/plain: frames per second through the ring over plain (1.00: no overhead); "
+          "user/tap: the user row's ring over the tap row's ring (target 0.50)")
+    if tap:
+        gone = not os.path.exists(f"/sys/class/net/{tap}")
+        print(f"tap {tap} {'removed' if gone else 'STILL PRESENT'}")
+    return 0
+
+
+def tap_bench(sizes, frames, repeat):
+    """The tap rows, and the tap's name; no rows where the tap cannot be made."""
     from pylguest.errors import UsageError
     from pylguest.virtio.testing import interface_up
     tap = f"pylb{os.getpid()}"[:15]
-    frames = max(BATCH, args.frames // BATCH * BATCH)
-    sizes = [int(s) for s in args.sizes.split(",")]
     try:
         bench = Bench(tap)
     except UsageError as e:
-        print(f"net_throughput: skipped: cannot create tap {tap}: {e}")
-        return 0
+        print(f"net_throughput: tap rows skipped: cannot create tap {tap}: {e}")
+        return [], None
     peer = None
     try:
         try:
@@ -208,13 +368,14 @@ def main():
             peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             peer.bind((tap, 0))
         except OSError as e:
-            print(f"net_throughput: skipped: cannot bring up {tap} or open a packet socket: {e}")
-            return 0
+            print(f"net_throughput: tap rows skipped: cannot bring up {tap} or open a "
+                  f"packet socket: {e}")
+            return [], None
         rows = []
         for length in sizes:
             best = [float("inf")] * 4
             counts = None
-            for _ in range(args.repeat):          # alternate, so load drift hits both
+            for _ in range(repeat):               # alternate, so load drift hits both
                 tp, tr = transmit(bench, length, frames)
                 rp, rr, gp, gr = receive(bench, peer, length, frames)
                 best = [min(b, t) for b, t in zip(best, (tp, tr, rp, rr))]
@@ -225,23 +386,7 @@ def main():
         if peer is not None:
             peer.close()
         bench.close()
-    gone = not os.path.exists(f"/sys/class/net/{tap}")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"net device vs plain tap I/O: tap {tap} (IFF_VNET_HDR), {frames} frames per run")
-    print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
-    print(f"ring: up to {BATCH} chains per service() call (queues of {NUM}); "
-          f"only service() timed; best of {args.repeat}")
-    print(f"{'':20}{'frames':>16}{'kfps':>9}{'kfps':>9}{'us/frame':>10}{'us/frame':>10}"
-          f"{'ring/':>8}")
-    print(f"{'':20}{'plain/ring':>16}{'plain':>9}{'ring':>9}{'plain':>10}{'ring':>10}"
-          f"{'plain':>8}")
-    for name, np_, nr, tp, tr in rows:
-        fp, fr = np_ / tp, nr / tr
-        print(f"{name:20}{f'{np_}/{nr}':>16}{fp / 1e3:9.0f}{fr / 1e3:9.0f}"
-              f"{tp / np_ * 1e6:10.2f}{tr / nr * 1e6:10.2f}{fr / fp:8.2f}")
-    print("ring/plain: frames per second through the ring over plain (1.00: no overhead)")
-    print(f"tap {tap} {'removed' if gone else 'STILL PRESENT'}")
-    return 0
+    return rows, tap
 
 
 if __name__ == "__main__":

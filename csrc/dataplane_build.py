@@ -90,17 +90,26 @@ void pyl_blk_stop(struct pyl_blk *blk);
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain, struct pyl_blk *blk,
                   uint32_t limit, struct pyl_blk_outcome *out);
 
+#define PYL_STREAM_PREFIX ...
+#define PYL_STREAM_FRAME_MAX ...
+#define PYL_STREAM_BUF ...
+enum pyl_net_mode { PYL_NET_MODE_TAP, PYL_NET_MODE_STREAM, ... };
 struct pyl_net {
     int tap; int *abandon; uint8_t *bounce;
     uint64_t sent; uint64_t dropped; uint64_t received; int read_errno;
+    int mode; uint8_t *tx; uint32_t tx_start; uint32_t tx_end;
+    uint8_t *rx; uint32_t rx_start; uint32_t rx_end;
+    uint64_t bad_length; int write_errno;
 };
 enum pyl_net_stop { PYL_NET_DONE, PYL_NET_TAP_EMPTY, PYL_NET_STARVED, PYL_NET_RING_FAULT,
-                    PYL_NET_FRAME_FAULT, PYL_NET_ROOM_FAULT, PYL_NET_ABANDONED, ... };
+                    PYL_NET_FRAME_FAULT, PYL_NET_ROOM_FAULT, PYL_NET_ABANDONED,
+                    PYL_NET_STREAM_FULL, PYL_NET_STREAM_FAULT, PYL_NET_STREAM_CLOSED, ... };
 struct pyl_net_outcome { int stop; uint32_t pushed; uint16_t head; uint64_t len; };
 int pyl_net_transmit(struct pyl_vq *vq, struct pyl_chain *chain, struct pyl_net *net,
                      struct pyl_net_outcome *out);
 int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain, struct pyl_net *net,
                     struct pyl_net_outcome *out);
+int pyl_net_flush(struct pyl_net *net);
 """)
 
 ffibuilder.set_source(

@@ -7,9 +7,11 @@ traffic on the interface (IPv6 router solicitations...) is ignored.  Every
 wait is bounded.
 """
 
+import os
 import select
 import socket
 import struct
+import time
 
 import pytest
 
@@ -250,6 +252,201 @@ def test_a_kick_of_receiveq_wakes_a_starved_receive_thread(memory):
         theirs.send(VNET_HDR + b"second")                    # only the thread can take it
         until(lambda: ring.used_idx == 2)
         assert ring.used_elem(1)[1] == 10 + len(b"second")
+    finally:
+        device.close()
+        theirs.close()
+
+
+# --- Stream mode (--net user): length-prefixed frames on a SOCK_STREAM socket,
+# as passt speaks them.  The test plays passt on the other end of the pair.
+
+STREAM_FRAME_MAX = net.MAX_FRAME - 10          # a frame on the stream has no header
+
+
+def framed(payload):
+    return struct.pack("!I", len(payload)) + payload
+
+
+@pytest.fixture
+def stream(memory):
+    """A stream NetDevice on one end of a SOCK_STREAM pair, the test's
+    "passt" on the other; no receive thread (the test kicks)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.settimeout(WAIT)
+    device = NetDevice("net0", "user", MAC, tap_fd=ours.detach(), stream=True)
+    rig = DeviceRig(device, memory, PFNS, DATA_AREA, start=False)
+    rig.activate(indirect=True)
+    rig.peer = theirs
+    yield rig
+    device.close()
+    theirs.close()
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the device closed its end"
+        data += chunk
+    return data
+
+
+def test_stream_transmit_strips_the_header_and_prefixes_the_length(stream):
+    frames = [frame(b"first"), frame(b"second " * 100), frame(b"third")]
+    heads = [stream.chain(TRANSMITQ, [(VNET_HDR[:4], False), (VNET_HDR[4:] + f[:7], False),
+                                      (f[7:], False)])[0] for f in frames]
+    stream.device.service(TRANSMITQ)
+    assert stream.device.broken is None, stream.device.broken
+    expected = b"".join(framed(f) for f in frames)
+    assert recv_exactly(stream.peer, len(expected)) == expected
+    assert [stream.rings[TRANSMITQ].used_elem(i) for i in range(3)] == [(h, 0) for h in heads]
+    assert stream.device.frames_sent == 3 and stream.interrupts == 1
+
+
+def test_stream_transmit_of_a_header_alone_sends_nothing(stream):
+    head, _ = stream.chain(TRANSMITQ, [(VNET_HDR, False)])
+    stream.device.service(TRANSMITQ)
+    assert stream.device.broken is None
+    assert stream.rings[TRANSMITQ].used_elem(0) == (head, 0)
+    assert stream.device.frames_dropped == 1
+    stream.peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        stream.peer.recv(16)
+
+
+def _received(rig, posted, n):
+    head, length = rig.rings[RECEIVEQ].used_elem(n)
+    data = b"".join(rig.memory.read(*b) for b in dict(posted)[head])
+    return data[:length]
+
+
+def test_stream_receive_reassembles_frames_from_any_pieces(stream):
+    frames = [frame(b"one"), frame(b"two " * 300), frame(b"three" * 50), frame(b"four")]
+    posted = [stream.chain(RECEIVEQ, [(10, True), (1514, True)]) for _ in range(6)]
+    wire = b"".join(framed(f) for f in frames)
+    # The first frame and a half, then the length's first two bytes alone...
+    cuts = [0, len(framed(frames[0])) + 100, len(framed(frames[0])) + len(framed(frames[1])) + 2,
+            len(wire) - 3, len(wire)]
+    ring = stream.rings[RECEIVEQ]
+    for a, b in zip(cuts, cuts[1:]):
+        stream.peer.sendall(wire[a:b])
+        stream.device.service(RECEIVEQ)
+    assert stream.device.broken is None, stream.device.broken
+    assert ring.used_idx == 4
+    for n, f in enumerate(frames):
+        assert _received(stream, posted, n) == VNET_HDR + f      # a zeroed header, then the frame
+    assert stream.device.frames_received == 4
+
+
+def test_stream_receive_cuts_a_frame_to_the_room_and_keeps_in_step(stream):
+    big, small = frame(bytes(range(256)) * 4), frame(b"next")
+    stream.peer.sendall(framed(big) + framed(small))
+    first, placed = stream.chain(RECEIVEQ, [(40, True)])
+    stream.chain(RECEIVEQ, [(100, True)])
+    stream.device.service(RECEIVEQ)
+    ring = stream.rings[RECEIVEQ]
+    assert ring.used_elem(0) == (first, 40)
+    assert stream.memory.read(*placed[0]) == VNET_HDR + big[:30]
+    assert ring.used_elem(1)[1] == 10 + len(small)
+
+
+def test_stream_frames_wait_for_buffers(stream):
+    stream.peer.sendall(framed(frame(b"early")))
+    stream.device.service(RECEIVEQ)                       # no buffers: it waits in our buffer
+    assert stream.rings[RECEIVEQ].used_idx == 0
+    posted = [stream.chain(RECEIVEQ, [(1524, True)])]
+    stream.device.service(RECEIVEQ)                       # the guest's kick
+    assert _received(stream, posted, 0) == VNET_HDR + frame(b"early")
+
+
+def test_stream_largest_frame_both_ways(stream):
+    payload = bytes(i * 7 & 0xFF for i in range(STREAM_FRAME_MAX))
+    stream.chain(TRANSMITQ, [(VNET_HDR + payload, False)])
+    stream.device.service(TRANSMITQ)
+    assert recv_exactly(stream.peer, 4 + len(payload)) == framed(payload)
+    stream.peer.sendall(framed(payload))
+    posted = [stream.chain(RECEIVEQ, [(10 + len(payload), True)])]
+    stream.device.service(RECEIVEQ)
+    assert stream.device.broken is None, stream.device.broken
+    assert _received(stream, posted, 0) == VNET_HDR + payload
+
+
+def test_stream_partial_writes_never_split_the_stream(stream):
+    # A socket that takes a few KiB at a time: transmit keeps the rest of
+    # each frame in its buffer, and once that is full the ring waits.
+    stream.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    fd = stream.device.tap
+    socket.socket(fileno=os.dup(fd)).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    frames = [bytes([i]) * 50000 for i in range(12)]
+    for f in frames:
+        stream.chain(TRANSMITQ, [(VNET_HDR, False), (f, False)])
+    stream.device.service(TRANSMITQ)
+    ring = stream.rings[TRANSMITQ]
+    assert 0 < ring.used_idx < 12                          # the ring waits: tx is full
+    expected = b"".join(framed(f) for f in frames)
+    got, deadline = b"", time.monotonic() + WAIT
+    stream.peer.setblocking(False)
+    while len(got) < len(expected) and time.monotonic() < deadline:
+        try:
+            got += stream.peer.recv(65536)
+        except BlockingIOError:
+            stream.device.service(TRANSMITQ)               # as the thread does on POLLOUT
+    assert got == expected
+    assert ring.used_idx == 12 and stream.device.broken is None
+
+
+@pytest.mark.parametrize("length", [0, 2 ** 31, STREAM_FRAME_MAX + 1, 2 ** 32 - 1])
+def test_a_hostile_frame_length_breaks_the_device_for_good(stream, length):
+    stream.chain(RECEIVEQ, [(1524, True)])
+    stream.peer.sendall(framed(frame(b"fine")) + struct.pack("!I", length) + b"x" * 64)
+    stream.device.service(RECEIVEQ)                        # the good frame, then the bad length
+    assert stream.rings[RECEIVEQ].used_idx == 1
+    assert stream.device.broken.startswith(
+        f"net0/receiveq: passt sent a frame length of {length} bytes; a frame is 1 to "
+        f"{STREAM_FRAME_MAX} bytes")
+    assert len(stream.reports) == 1
+    assert stream.reports[0].endswith("device net0 broken for the rest of the run")
+    # The launcher's side goes on: kicks are ignored, a reset does not bring it back.
+    stream.chain(RECEIVEQ, [(1524, True)])
+    stream.device.service(RECEIVEQ)
+    stream.device.service(TRANSMITQ)
+    stream.device.reset()
+    stream.activate()
+    assert stream.device.broken and not stream.device.active
+    assert len(stream.reports) == 1
+
+
+def test_a_closed_stream_breaks_the_device_in_one_line(stream):
+    stream.chain(RECEIVEQ, [(1524, True)])
+    stream.peer.sendall(framed(frame(b"last")))
+    stream.peer.shutdown(socket.SHUT_RDWR)
+    stream.device.service(RECEIVEQ)
+    assert stream.rings[RECEIVEQ].used_idx == 1            # what came before the end is delivered
+    assert stream.device.broken == "net0/receiveq: the stream to passt ended: the other end closed it"
+    stream.device.service(RECEIVEQ)
+    assert len(stream.reports) == 1
+
+
+def test_the_stream_thread_sends_what_the_socket_took_later(memory):
+    # With the receive thread: a frame left half sent goes out when the
+    # peer reads, with no kick from the guest.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    device = NetDevice("net0", "user", MAC, tap_fd=ours.detach(), stream=True)
+    socket.socket(fileno=os.dup(device.tap)).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rig = DeviceRig(device, memory, PFNS, DATA_AREA)
+    try:
+        rig.activate()
+        payload = bytes(range(256)) * 200
+        rig.chain(TRANSMITQ, [(VNET_HDR, False), (payload, False)])
+        device.service(TRANSMITQ)
+        assert device._tx_pending()
+        theirs.settimeout(WAIT)
+        assert recv_exactly(theirs, 4 + len(payload)) == framed(payload)
+        theirs.sendall(framed(frame(b"back")))                # and receive goes on
+        rig.chain(RECEIVEQ, [(1524, True)])
+        device.service(RECEIVEQ)
+        until(lambda: rig.rings[RECEIVEQ].used_idx == 1)
     finally:
         device.close()
         theirs.close()

@@ -10,7 +10,8 @@ import pytest
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.console import ConsoleDevice
 from pylguest.devices.agent_port import AgentPortDevice
-from pylguest.devices.options import create_devices, parse_block, parse_console, parse_net
+from pylguest.devices.options import (Root, create_devices, disk_name, parse_block, parse_console,
+                                      parse_net, parse_root)
 from pylguest.devices.rng import RngDevice
 from pylguest.errors import UsageError
 
@@ -84,9 +85,9 @@ def test_parse_console_errors(spec):
 
 # --- create_devices
 
-def config(console=None, block=(), net=(), rng=False, agent=None):
+def config(console=None, block=(), net=(), rng=False, agent=None, share=(), root=None):
     return SimpleNamespace(console=console, block=list(block), net=list(net), rng=rng,
-                           agent=agent)
+                           agent=agent, share=list(share), root=root, virtiofsd=None)
 
 
 class Output:
@@ -103,7 +104,7 @@ def test_create_devices_in_bus_order(tmp_path):
         image.write_bytes(bytes(1024))
     out = Output()
     ours, theirs = socket.socketpair()
-    devices, socket_console, agent_channel = create_devices(
+    devices, socket_console, agent_channel, words = create_devices(
         config(console="stdio", block=[f"{images[0]},ro", str(images[1])], rng=True,
                agent=f"fd:{theirs.detach()}"), out)
     try:
@@ -143,3 +144,61 @@ def test_create_devices_bad_spec_is_usage_error(tmp_path):
     usage_error(create_devices, config(block=["x.img,bogus"]), Output())
     usage_error(create_devices, config(console="serial"), Output())
     usage_error(create_devices, config(net=["vde:x"]), Output())
+
+
+# --- --root and the words for init
+
+def test_parse_root(tmp_path):
+    image = tmp_path / "root.img"
+    image.write_bytes(bytes(4096))
+    assert parse_root(str(tmp_path)) == Root(str(tmp_path), True, False)
+    assert parse_root(f"{image},rw") == Root(str(image), False, True)
+    for bad, words in [(f"{image},ro", "bad --root"), (f"{image},rw,rw", "bad --root"),
+                       (",rw", "bad --root"), (str(tmp_path / "none"), "no such directory"),
+                       ("/dev/null", "neither a directory nor a disk image file")]:
+        with pytest.raises(UsageError, match=words):
+            parse_root(bad)
+
+
+def test_disk_names_follow_linux():
+    assert [disk_name(i) for i in (0, 1, 25, 26, 27, 701, 702)] == [
+        "vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]
+
+
+def test_a_root_image_is_the_last_disk_and_read_only_without_rw(tmp_path):
+    images = [tmp_path / "a.img", tmp_path / "root.img"]
+    for image in images:
+        image.write_bytes(bytes(4096))
+    for root, read_only, word in [(str(images[1]), True, "pylguest.root=blk:vdb"),
+                                  (f"{images[1]},rw", False, "pylguest.root=blk:vdb:rw")]:
+        devices, _, _, words = create_devices(config(block=[str(images[0])], root=root),
+                                              Output())
+        try:
+            assert [d.name for d in devices] == ["block0", "block1"]
+            assert devices[1].read_only is read_only and words == [word]
+        finally:
+            for device in devices:
+                device.close()
+
+
+def test_share_and_root_words_for_init(tmp_path, monkeypatch):
+    made = []
+
+    class FakeFs:
+        def __init__(self, name, share, virtiofsd=None):
+            made.append((name, share))
+            self.name = name
+
+        def close(self):
+            pass
+    monkeypatch.setattr("pylguest.devices.fs.FsDevice", FakeFs)
+    devices, _, _, words = create_devices(
+        config(share=[f"{tmp_path},ro", f"{tmp_path},tag=src,at=/src"], root=str(tmp_path)),
+        Output())
+    assert [name for name, _ in made] == ["fs0", "fs1", "fs2"]
+    assert [(s.tag, s.read_only) for _, s in made] == [("share0", True), ("src", False),
+                                                       ("root", True)]
+    assert words == ["pylguest.shares=share0:/mnt/share0:ro,src:/src",
+                     "pylguest.root=virtiofs:root"]
+    with pytest.raises(UsageError, match="same tag"):
+        create_devices(config(share=[f"{tmp_path},tag=root"], root=str(tmp_path)), Output())

@@ -40,6 +40,7 @@ import os
 import re
 import socket
 import struct
+import tempfile
 import threading
 from typing import NamedTuple
 
@@ -59,6 +60,7 @@ HIPRIO, REQUESTS = 0, 1
 FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")     # len, opcode, unique, nodeid, ...
 FUSE_OUT_HEADER = struct.Struct("<IiQ")          # len, error, unique
 EIO = 5
+RECHECK = 0.1                       # seconds: see _serve_ourselves
 
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "virtiofsd")
 VIRTIOFSD_PACKAGE = "qemu-system-common"
@@ -131,9 +133,8 @@ def connected_listener():
 
 
 # The daemon starts in a mount namespace of its own, where the directory is
-# bind-mounted, alone, at /tmp/share (on a tmpfs that covers /tmp there
-# only; the directory is reached through the shell's working directory,
-# so it may itself be under /tmp).  Three things follow:
+# bind-mounted, alone, on an empty directory the launcher made for it
+# (`mount_point`; removed again at close).  Three things follow:
 #   * the bind is not recursive: file systems mounted below the directory
 #     on the host (a /proc, a /sys, a /boot) are not in the share, and show
 #     as empty directories.  With --root / that keeps the host's /proc and
@@ -142,22 +143,21 @@ def connected_listener():
 #     every write, whatever the guest mounts and whatever the daemon does;
 #   * the daemon's own sandbox can pivot_root into it, even when the
 #     directory is the host's / (which it cannot pivot into itself).
-NAMESPACE_SCRIPT = ('cd "$1" && mount -t tmpfs -o mode=0700 pylguest-share /tmp && '
-                    'mkdir /tmp/share && mount --no-canonicalize --bind $2 . /tmp/share && '
-                    'shift 2 && '
+# `--no-canonicalize` and the `cd` make mount bind the directory the shell
+# is in, not whatever its path names by the time mount looks it up.
+NAMESPACE_SCRIPT = ('cd "$1" && mount --no-canonicalize --bind $2 . "$3" && shift 3 && '
                     'exec "$@"')
-SHARE_IN_NAMESPACE = "/tmp/share"
 
 
-def virtiofsd_argv(program, fd, source, read_only):
+def virtiofsd_argv(program, fd, source, read_only, mount_point):
     """How we run virtiofsd: in its mount namespace (above), on an
     inherited socket, one thread per queue (in-order completion: see the
     module docstring), quiet but for errors.  Debian 12's C virtiofsd takes
     these options; the Rust one accepts them too."""
     return ["unshare", "--mount", "--propagation", "private", "--",
             "sh", "-c", NAMESPACE_SCRIPT, "pylguest-share", source,
-            "-oro" if read_only else "-orw",
-            program, f"--fd={fd}", "-o", f"source={SHARE_IN_NAMESPACE}", "-o", "cache=auto",
+            "-oro" if read_only else "-orw", mount_point,
+            program, f"--fd={fd}", "-o", f"source={mount_point}", "-o", "cache=auto",
             "-o", "log_level=err", "--thread-pool-size=0"]
 
 
@@ -178,12 +178,15 @@ class FsDevice(VirtioDevice):
                                override=virtiofsd or os.environ.get("PYLGUEST_VIRTIOFSD"))
         ours, listening = connected_listener()
         self.label = f"virtiofsd for {name}"
+        self.mount_point = tempfile.mkdtemp(prefix=f"pylguest-{name}-")
         try:
             self.daemon = Daemon(self.label, virtiofsd_argv(program, listening.fileno(),
-                                                            share.path, share.read_only),
+                                                            share.path, share.read_only,
+                                                            self.mount_point),
                                  pass_fds=[listening.fileno()], on_exit=self._daemon_died)
         except BaseException:
             ours.close()
+            os.rmdir(self.mount_point)
             raise
         finally:
             listening.close()
@@ -237,7 +240,7 @@ class FsDevice(VirtioDevice):
         super().activate(guest_features, rings)        # our Virtqueues, for a fallback
         if not self.active or self.dead:
             if self.active:
-                self._serve_ourselves()
+                self._serve_ourselves(resume=False)      # fresh rings: from index 0
             return
         try:
             self.frontend.set_features(guest_features | self.transport_features())
@@ -284,23 +287,23 @@ class FsDevice(VirtioDevice):
             if self.report:
                 self.report(f"{line}: {self.name} answers every request with EIO from now on")
             if self.active:
-                self._serve_ourselves()
+                self._serve_ourselves(resume=True)
 
-    def _serve_ourselves(self):
-        """Take the rings back where the daemon left them (module docstring)
-        and serve them with our own workers."""
+    def _serve_ourselves(self, resume):
+        """Serve the rings with our own workers; with `resume`, take them
+        back where the daemon left them (module docstring)."""
         self.started = []
-        for vq in self.queues:
+        for vq in self.queues if resume else []:
             desc, avail, used = vring_addresses(vq.gpa, vq.num)
             done = self.memory.read_int(used + 2, 2)      # used.idx, as the daemon left it
             vq.last_avail_idx = vq.used_idx = vq._signalled_used = done
+        # The daemon's last process may still read a kick or two on its
+        # way out, so our workers also look at the rings every
+        # RECHECK seconds (and so find what was posted before we took over).
         for index, kick_fd in enumerate(self.kick_fds[:len(self.queues)]):
-            worker = QueueWorker(self, index, kick_fd, self.trace)
+            worker = QueueWorker(self, index, kick_fd, self.trace, recheck=RECHECK)
             self.fallback.append(worker)
             worker.start()
-        # Requests the guest posted before we took over wait for no kick.
-        for index in range(len(self.queues)):
-            threading.Thread(target=self.service, args=(index,), daemon=True).start()
 
     def _stop_fallback(self):
         workers, self.fallback = self.fallback, []
@@ -332,4 +335,8 @@ class FsDevice(VirtioDevice):
             frontend.sock.close()         # the daemon sees the end of its socket
         if getattr(self, "daemon", None) is not None:
             self.daemon.close()
+            try:
+                os.rmdir(self.mount_point)
+            except OSError:
+                pass              # a daemon that would not die still has it mounted
         return True

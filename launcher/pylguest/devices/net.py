@@ -29,19 +29,34 @@ the guest resets it.  Nothing the guest describes is copied whole: frames
 move by writev/readv straight between the tap and guest memory, or, when
 a driver scatters one over more than IOV_MAX buffers, through one bounce
 buffer of MAX_FRAME bytes.
+
+`--net user` puts the same device on a stream instead (NetDevice.user):
+one end of a socket pair whose other end is passt (devices/passt.py),
+where each frame travels behind its length, 4 bytes big-endian, without
+the virtio_net_hdr.  net.c's stream mode frames and unframes through two
+buffers of the device's own, so a frame is never half sent or half taken
+whatever the socket accepts; what it will not take yet waits there, and
+the receive thread watches for room (POLLOUT) while any does.  passt is
+checked like a guest: a frame length of 0 or above MAX_FRAME less the
+header is a broken stream, and so are a closed socket and passt's death.
+None of them can be undone by the guest (a reset cannot resynchronize a
+stream), so the device stays broken for the rest of the run, said in one
+line; the machine runs on.
 """
 
 import fcntl
 import os
 import select
+import socket
 import struct
 import threading
+import time
 
 from pylguest import _dataplane
 from pylguest._kvm import lib
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import oserror_text
-from pylguest.virtio.device import RequestAbandoned, VirtioDevice
+from pylguest.virtio.device import DeviceState, RequestAbandoned, VirtioDevice
 
 dataplane = _dataplane.lib
 
@@ -66,6 +81,7 @@ MAX_FRAME = VNET_HDR_SIZE + 14 + 4 + 65535
 assert (VNET_HDR_SIZE, MAX_FRAME) == (dataplane.PYL_VNET_HDR_SIZE, dataplane.PYL_MAX_FRAME)
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256
+DAEMON_GRACE = 2.0                  # s for passt's death line once its socket closed
 
 
 def parse_mac(text):
@@ -106,12 +122,28 @@ class NetDevice(VirtioDevice):
     queue_names = ("receiveq", "transmitq")
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name, tap_name, mac, tap_fd=None):
+    def __init__(self, name, tap_name, mac, tap_fd=None, *, stream=False):
         """`tap_fd`: an open tap (or, in tests, any fd that keeps frame
-        boundaries, such as a SOCK_SEQPACKET socket); opened here if None."""
+        boundaries, such as a SOCK_SEQPACKET socket); opened here if None.
+        With `stream`, `tap_fd` is instead a connected SOCK_STREAM socket
+        that carries length-prefixed frames (passt's end: see user())."""
         super().__init__(name)
         self.tap_name = tap_name
         self.mac = mac
+        self.stream = stream
+        self.daemon = None            # passt, for a user device
+        self.peer = "passt" if stream else f"tap {tap_name}"
+        # Words for the kernel command line: init configures eth0 by
+        # DHCP only where the launcher says so (guests/linux/init).
+        self.cmdline_words = ("pylguest.net=dhcp",) if stream else ()
+        self._lost = None             # why the stream is gone for good, or None
+        self._lost_reported = False
+        self._closed = False          # the stream ended: stop watching it
+        self._watching_out = False    # the receive thread waits for POLLOUT
+        self._closed_why = None
+        self._daemon_waited = False
+        if stream and tap_fd is None:
+            raise ValueError("a stream NetDevice needs its socket (NetDevice.user makes one)")
         self.tap = open_tap(tap_name) if tap_fd is None else tap_fd
         # net.c reads the tap until it would block: it must never block.
         os.set_blocking(self.tap, False)
@@ -124,12 +156,45 @@ class NetDevice(VirtioDevice):
         self._c = _dataplane.ffi.new("struct pyl_net *")
         self._c.tap, self._c.bounce = self.tap, self._bounce
         self._c.abandon = self.abandon.c              # the device's one flag, for good
+        if stream:
+            self._tx = _dataplane.ffi.new("uint8_t[]", dataplane.PYL_STREAM_BUF)
+            self._rx = _dataplane.ffi.new("uint8_t[]", dataplane.PYL_STREAM_BUF)
+            self._c.mode = dataplane.PYL_NET_MODE_STREAM
+            self._c.tx, self._c.rx = self._tx, self._rx
         self._outcome = _dataplane.ffi.new("struct pyl_net_outcome *")
         self._rx_thread = threading.Thread(target=self._receive_loop, daemon=True,
                                            name=f"pylguest {name}/tap")
 
+    @classmethod
+    def user(cls, name, mac, forwards=(), passt=None):
+        """A device on passt (`--net user`): the socket pair made here, passt
+        started on one end (a UsageError naming the package if it is not
+        installed).  `passt`: its path, if not found on $PATH."""
+        from pylguest.devices.passt import find_passt, start_passt
+        path = find_passt(passt)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            device = cls(name, "user", mac, tap_fd=ours.detach(), stream=True)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        try:
+            device.daemon = start_passt(f"passt for {name}", theirs.fileno(), forwards,
+                                        on_exit=device.lose_stream, path=path)
+        except BaseException:
+            device.close()
+            raise
+        finally:
+            theirs.close()
+        return device
+
     def start(self):
         self._rx_thread.start()
+
+    def attach(self, context):
+        super().attach(context)
+        self._report_lost()           # passt may have died before we were attached
 
     def device_features(self):
         return 1 << VIRTIO_NET_F_MAC
@@ -138,6 +203,8 @@ class NetDevice(VirtioDevice):
         return self.mac
 
     def activate(self, guest_features, rings):
+        if self._lost:
+            return                    # broken for good: the stream is gone
         super().activate(guest_features, rings)
         if self.active:
             self._set_starved(False)  # look at the receive ring, and the tap
@@ -145,6 +212,65 @@ class NetDevice(VirtioDevice):
     def reset(self):
         super().reset()
         self._starved = True
+        if self._lost:
+            self.state, self.broken = DeviceState.BROKEN, self._lost
+
+    # -- a stream's end: for good -------------------------------------------------
+
+    def lose_stream(self, why):
+        """The stream cannot carry frames any more (passt died, closed its
+        end, or sent what no frame is): break the device for the rest of
+        the run and say so once, in one line.  Daemon.on_exit calls this
+        with passt's death line; any thread may."""
+        with self.lock:
+            if self._lost:
+                return
+            self._lost = why
+            self._closed = True
+            self.state, self.broken = DeviceState.BROKEN, why
+        self._report_lost()
+        self._wake()                  # the receive thread stops watching the socket
+
+    def _report_lost(self):
+        with self.lock:
+            if not self._lost or self._lost_reported or self.report is None:
+                return
+            self._lost_reported = True
+        self.report(f"{self._lost}: device {self.name} broken for the rest of the run")
+
+    def _stream_closed(self, queue):
+        """The socket said EOF or failed.  With passt behind it, passt's own
+        death line says it better: the receive thread waits a moment for
+        it (_wait_for_daemon); otherwise it is said here."""
+        self._closed = True
+        errno_ = self._c.read_errno or self._c.write_errno
+        why = (f"{oserror_text(OSError(errno_, os.strerror(errno_)))}" if errno_
+               else "the other end closed it")
+        self._closed_why = f"{queue}: the stream to {self.peer} ended: {why}"
+        if self.daemon is None:
+            self.lose_stream(self._closed_why)
+        else:
+            self._wake()
+
+    def _wait_for_daemon(self):
+        """Once, in the receive thread, after the stream ended with passt
+        behind it: passt's death line if it dies (its on_exit says it),
+        ours if it lives on; nothing if the launcher is closing it."""
+        if self._daemon_waited:
+            return
+        self._daemon_waited = True
+        daemon = self.daemon
+        if daemon is None:
+            return                            # _stream_closed said it
+        if not daemon.wait_ended(DAEMON_GRACE):
+            self.lose_stream(f"{self._closed_why} ({daemon.label} still runs)")
+            return
+        # Its watcher calls on_exit just after it marks the end.
+        deadline = time.monotonic() + DAEMON_GRACE
+        while not (self._lost or daemon.closing or self._stop) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not (self._lost or daemon.closing or self._stop):
+            self.lose_stream(self._closed_why)
 
     frames_sent = property(lambda self: self._c.sent)
     frames_dropped = property(lambda self: self._c.dropped)
@@ -154,9 +280,12 @@ class NetDevice(VirtioDevice):
         out = self._outcome
         if index == TRANSMITQ:
             dataplane.pyl_net_transmit(vq.c, vq.c_chain, self._c, out)
+            if self.stream and self._tx_pending() and not self._watching_out:
+                self._wake()              # watch for room for the rest
         else:
             dataplane.pyl_net_receive(vq.c, vq.c_chain, self._c, out)
-            self._report_read_error()
+            if not self.stream:           # on a stream, a failed read ends it (below)
+                self._report_read_error()
             # Starved: no buffers until a kick of receiveq.  Otherwise the
             # tap is empty, not the ring (or we do not know it is): watch
             # the tap again; after a kick this is what ends a starvation.
@@ -169,7 +298,27 @@ class NetDevice(VirtioDevice):
             raise self._room_error(out)
         if out.stop == dataplane.PYL_NET_ABANDONED:
             raise RequestAbandoned(self.name)
+        if out.stop == dataplane.PYL_NET_STREAM_FAULT:
+            self.lose_stream(
+                f"{self.queue_label(RECEIVEQ)}: {self.peer} sent a frame length of "
+                f"{self._c.bad_length} bytes; a frame is 1 to {MAX_FRAME - VNET_HDR_SIZE} "
+                "bytes, so the stream cannot be trusted any more")
+        elif out.stop == dataplane.PYL_NET_STREAM_CLOSED:
+            self._stream_closed(self.queue_label(index))
         return out.pushed > 0
+
+    def _tx_pending(self):
+        return self._c.tx_end != self._c.tx_start
+
+    def _send_pending(self):
+        """Room on the socket for what transmit left: send it, and take the
+        frames that waited for it."""
+        if self.active:
+            self.service(TRANSMITQ)
+            return
+        with self.lock:
+            if not self._closed and dataplane.pyl_net_flush(self._c) < 0:
+                self._stream_closed(self.queue_label(TRANSMITQ))
 
     def _frame_error(self, out):
         queue = self.queue_label(TRANSMITQ)
@@ -208,6 +357,9 @@ class NetDevice(VirtioDevice):
 
     def _receive_loop(self):
         while not self._stop:
+            if self.stream:
+                self._stream_wait_and_serve()
+                continue
             watch = [self._wake_r] if self._starved else [self._wake_r, self.tap]
             ready, _, _ = select.select(watch, [], [])
             if self._wake_r in ready:
@@ -219,6 +371,31 @@ class NetDevice(VirtioDevice):
                 if not self.active:
                     self._starved = True  # frames wait in the tap until a start or reset
 
+    def _stream_wait_and_serve(self):
+        """One turn of the receive thread on a stream: as for a tap, and
+        also room to send (while transmit left bytes unsent), frames that
+        wait in our buffer rather than the socket, and the stream's end."""
+        with self.lock:               # so that process() knows whether to wake us
+            closed = self._closed
+            self._watching_out = not closed and self._tx_pending()
+            readable = [self._wake_r] if closed or self._starved else [self._wake_r, self.tap]
+            writable = [self.tap] if self._watching_out else []
+        ready, room, _ = select.select(readable, writable, [])
+        woke = self._wake_r in ready
+        if woke:
+            self._drain_wakeups()
+        if self._stop:
+            return
+        if room:
+            self._send_pending()
+        buffered = self._c.rx_end != self._c.rx_start
+        if self.tap in ready or (woke and buffered and not self._starved and not self._closed):
+            self.service(RECEIVEQ)
+            if not self.active:
+                self._starved = True      # frames wait until a start or reset
+        if self._closed and not self._lost:
+            self._wait_for_daemon()
+
     def _drain_wakeups(self):
         try:
             while os.read(self._wake_r, 64):
@@ -227,7 +404,10 @@ class NetDevice(VirtioDevice):
             pass
 
     def close(self, timeout=5.0):
-        """Stop the receive thread; True (and the fds closed) once it ended."""
+        """Stop passt and the receive thread; True (and the fds closed) once
+        the thread ended."""
+        if self.daemon is not None:
+            self.daemon.close()           # first: its end is no death to report
         self._stop = True
         self._wake()
         if self._rx_thread.is_alive():

@@ -3,11 +3,23 @@
     --block PATH[,ro][,direct] repeatable: block0, block1, ...
                                (direct: O_DIRECT, past the host's page cache)
     --net tap:NAME[,mac=MAC]   repeatable: net0, net1, ...
+    --net user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...[,mac=MAC]
+                               the same, through passt (devices/passt.py);
+                               hostfwd=udp:... too
     --rng                      rng0
     --console stdio|socket:PATH   a virtio console (console0)
+    --share HOSTDIR[,tag=NAME][,ro][,at=PATH]
+                               repeatable: fs0, fs1, ... (virtio-fs, served
+                               by virtiofsd; devices/fs.py)
+    --root DIR|IMAGE[,rw]      a directory: one more virtio-fs device, tag
+                               "root"; an image: one more block device,
+                               after the user's (read-only unless rw)
     --agent fd:N               the agent channel (agent0): a virtio console
                                port, after every other device, relayed to an
                                inherited socket (docs/abi.md, section 8)
+
+Shares and the root also give pylguest's init words on the kernel command
+line (init_words), saying what to mount where; docs/abi.md section 9.
 
 Every mistake here is the user's, so it is a UsageError (one line, exit 2).
 
@@ -15,6 +27,9 @@ The block, net and rng devices' modules and the socket console's are
 imported only when an option asks for one: a run without them never loads
 them (nor `socket`).
 """
+
+import os
+from typing import NamedTuple
 
 from pylguest.devices.console import ConsoleDevice
 from pylguest.errors import UsageError
@@ -29,13 +44,32 @@ def parse_block(spec):
     return path, "ro" in flags, "direct" in flags
 
 
+NET_USAGE = ("use tap:NAME[,mac=52:54:00:12:34:56] or "
+             "user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...[,mac=52:54:00:12:34:56]")
+
+
 def parse_net(spec, index):
+    """(backend, mac): the tap's name for tap:NAME, a passt.UserNet (its
+    forwards) for user; the MAC is 52:54:00:12:34:56 + index unless given."""
+    from pylguest.devices.net import parse_mac   # lazily: see the module docstring
+    mac = bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
+    if spec == "user" or spec.startswith("user,"):
+        from pylguest.devices.passt import UserNet, check_forwards, parse_hostfwd
+        forwards = []
+        for option in spec.split(",")[1:]:
+            key, equals, value = option.partition("=")
+            if key == "hostfwd" and equals:
+                forwards.append(parse_hostfwd(value))
+            elif key == "mac" and equals:
+                mac = parse_mac(value)
+            else:
+                raise UsageError(f"bad --net option {option!r}: user takes hostfwd=... and mac=...")
+        check_forwards(forwards, spec)
+        return UserNet(tuple(forwards)), mac
     kind, _, rest = spec.partition(":")
     if kind != "tap" or not rest:
-        raise UsageError(f"bad --net {spec!r}: use tap:NAME[,mac=52:54:00:12:34:56]")
-    from pylguest.devices.net import parse_mac   # lazily: see the module docstring
+        raise UsageError(f"bad --net {spec!r}: {NET_USAGE}")
     name, *options = rest.split(",")
-    mac = bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
     for option in options:
         key, _, value = option.partition("=")
         if key != "mac":
@@ -53,12 +87,68 @@ def parse_console(spec):
     return path
 
 
+class Root(NamedTuple):
+    """--root PATH[,rw], parsed: a directory or a disk image."""
+    path: str
+    directory: bool
+    writable: bool
+
+
+def parse_root(spec):
+    path, *flags = spec.split(",")
+    if not path or any(f != "rw" for f in flags) or len(flags) > 1:
+        raise UsageError(f"bad --root {spec!r}: use DIR, IMAGE, DIR,rw or IMAGE,rw")
+    if not os.path.exists(path):
+        raise UsageError(f"--root {path}: no such directory or disk image")
+    directory = os.path.isdir(path)
+    if not directory and not os.path.isfile(path):
+        raise UsageError(f"--root {path}: neither a directory nor a disk image file")
+    return Root(path, directory, bool(flags))
+
+
+def disk_name(index):
+    """Linux's name for the index-th virtio disk: vda .. vdz, vdaa, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return "vd" + letters
+
+
+def _file_systems(config, devices, words):
+    """The --share and --root devices, appended to `devices`; their words
+    for init appended to `words`."""
+    if not config.share and not config.root:
+        return
+    from pylguest.devices.fs import FsDevice, Share, parse_share   # lazily: see above
+    root = parse_root(config.root) if config.root else None
+    shares = [parse_share(spec, i) for i, spec in enumerate(config.share)]
+    if root and root.directory:
+        shares.append(Share(root.path, "root", not root.writable, None))
+    tags = [s.tag for s in shares]
+    if len(set(tags)) != len(tags):
+        raise UsageError(f"two --share options have the same tag: {', '.join(tags)}")
+    mounts = [f"{s.tag}:{s.at}{':ro' if s.read_only else ''}" for s in shares if s.at]
+    if mounts:
+        words.append("pylguest.shares=" + ",".join(mounts))
+    for share in shares:
+        devices.append(FsDevice(f"fs{len([d for d in devices if isinstance(d, FsDevice)])}",
+                                share, virtiofsd=config.virtiofsd))
+    if root:
+        mode = ":rw" if root.writable else ""
+        if root.directory:
+            words.append(f"pylguest.root=virtiofs:root{mode}")
+        else:
+            words.append(f"pylguest.root=blk:{disk_name(len(config.block))}{mode}")
+
+
 def create_devices(config, console_output):
     """The devices `config` asks for, in bus order, the socket console
-    backend (or None) and the agent channel (or None).  On error, whatever
-    was opened is closed again."""
+    backend (or None), the agent channel (or None), and the words for
+    pylguest's init.  On error, whatever was opened is closed again."""
     # The imports below are lazy: see the module docstring.
-    devices, socket_console, agent_channel = [], None, None
+    devices, socket_console, agent_channel, words = [], None, None, []
     try:
         if config.console:
             path = parse_console(config.console)
@@ -69,17 +159,33 @@ def create_devices(config, console_output):
             else:
                 output = console_output.write
             devices.append(ConsoleDevice("console0", output))
-        for i, spec in enumerate(config.block):
+        blocks = [parse_block(spec) for spec in config.block]
+        root = parse_root(config.root) if config.root else None
+        if root and not root.directory:
+            # The root image is the last disk: the user's keep vda, vdb, ...
+            blocks.append((root.path, not root.writable, False))
+        for i, (path, read_only, direct) in enumerate(blocks):
             from pylguest.devices.block import BlockDevice
-            path, read_only, direct = parse_block(spec)
             devices.append(BlockDevice(f"block{i}", path, read_only, direct=direct))
+        forwarded = set()
         for i, spec in enumerate(config.net):
             from pylguest.devices.net import NetDevice
-            name, mac = parse_net(spec, i)
-            devices.append(NetDevice(f"net{i}", name, mac))
+            backend, mac = parse_net(spec, i)
+            if isinstance(backend, str):
+                devices.append(NetDevice(f"net{i}", backend, mac))
+                continue
+            for f in backend.forwards:               # one passt per host port
+                if (f.protocol, f.host_port) in forwarded:
+                    raise UsageError(f"bad --net {spec!r}: host port {f.protocol}:"
+                                     f"{f.host_port} is forwarded by another --net user")
+                forwarded.add((f.protocol, f.host_port))
+            devices.append(NetDevice.user(f"net{i}", mac, backend.forwards))
+            if devices[-1].cmdline_words[0] not in words:   # pylguest.net=dhcp, once
+                words.extend(devices[-1].cmdline_words)
         if config.rng:
             from pylguest.devices.rng import RngDevice
             devices.append(RngDevice("rng0"))
+        _file_systems(config, devices, words)
         if config.agent:
             from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent
             from pylguest.devices.agent_port import AgentPortDevice
@@ -92,4 +198,4 @@ def create_devices(config, console_output):
             if backend:
                 backend.close()
         raise
-    return devices, socket_console, agent_channel
+    return devices, socket_console, agent_channel, words

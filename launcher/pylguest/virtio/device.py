@@ -240,12 +240,16 @@ class VirtioDevice(abc.ABC):
 class QueueWorker:
     """A thread serving one queue: it wakes on the queue's ioeventfd."""
 
-    def __init__(self, device, index, kick_fd, trace=None, on_kick=None):
+    def __init__(self, device, index, kick_fd, trace=None, on_kick=None, recheck=None):
+        """`recheck`: also serve the queue every `recheck` seconds without a
+        kick, for a queue whose kicks someone else may have read (a dying
+        vhost-user daemon, devices/fs.py); None: kicks only."""
         self.device = device
         self.index = index
         self.kick_fd = kick_fd
         self.trace = trace
         self.on_kick = on_kick        # the bus: start the device on a first kick
+        self.recheck_ms = None if recheck is None else int(recheck * 1000)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, daemon=True,
                                        name=f"pylguest {device.queue_label(index)}")
@@ -258,9 +262,11 @@ class QueueWorker:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         while True:
-            ready = dict(poller.poll())
+            ready = dict(poller.poll(self.recheck_ms))
             if self._stop_r in ready:
                 return
+            if not ready:
+                self.device.service(self.index)          # recheck: see __init__
             if self.kick_fd in ready:
                 os.eventfd_read(self.kick_fd)
                 if self.trace:
