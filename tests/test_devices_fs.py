@@ -15,6 +15,8 @@ import shutil
 import signal
 import stat
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -26,6 +28,7 @@ from pylguest.errors import UsageError
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext, DeviceState
 from pylguest.virtio.testing import RingBuilder
+from conftest import ROOT, alive, descendants, wait_until
 from virtio_rig import Allocator
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -278,3 +281,25 @@ def _zombie_or_gone(pid):
 def test_shutil_finds_unshare():
     # The namespace wrapper needs util-linux's unshare and mount.
     assert shutil.which("unshare") and shutil.which("mount")
+
+
+@needs_virtiofsd
+def test_kill_9_of_the_launcher_leaves_no_virtiofsd(share_dir):
+    # A real launcher that stays up (echo.elf waits for a 'q' on its
+    # console), with a share; SIGKILL gives it no chance to clean up.
+    ro = share_dir
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pylguest", "run", "guests/build/echo.elf", "--timeout", "60",
+         "--share", f"{ro},ro"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len([p for p in descendants(launcher.pid) if alive(p)]) >= 2, 30)
+        daemons = [p for p in descendants(launcher.pid) if alive(p)]
+        launcher.kill()
+        launcher.wait(timeout=10)
+        wait_until(lambda: not any(alive(p) for p in daemons), 10)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
+        launcher.stdin.close()
