@@ -11,11 +11,15 @@ PYLGUEST = $(PYTHON) -m pylguest
 # images the Linux tests make and read back; liburing for the block
 # device's requests in flight together (csrc/blk.c); musl for the guest's
 # agent (a 58 KB static binary, where glibc's is 786 KB: every byte of an
-# initramfs is unpacked by emulated kernel code on an emulating KVM).
+# initramfs is unpacked by emulated kernel code on an emulating KVM); the
+# daemons behind --share/--root and --net user: virtiofsd (Debian 12 ships
+# it in qemu-system-common, as /usr/lib/qemu/virtiofsd) and passt.  They are
+# installed without Recommends: qemu-system-common's would bring in a
+# desktop's worth of audio and video libraries that nothing here uses.
 APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
 	gzip bzip2 xz-utils lz4 zstd cpio busybox-static iproute2 \
 	flex bison bc libelf-dev libssl-dev patch e2fsprogs liburing-dev musl-tools \
-	passt
+	qemu-system-common passt
 
 .PHONY: all deps install guests hello linux linux-hello test fuzz bench debian-kernel \
 	debian-initramfs clean
@@ -27,7 +31,7 @@ deps:
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 install:

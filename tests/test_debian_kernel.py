@@ -3,9 +3,11 @@
 The kernel comes from `make debian-kernel` (tools/fetch_debian_kernel.py),
 the initramfs from `make debian-initramfs` (tools/module_initramfs.py: our
 lguest bus driver built against Debian's headers, with Debian's own virtio
-modules).  Everything asserted here is what Linux itself prints on the
-UART, so the test checks the launcher from the guest's side: the command
-line it passed, and the e820 map it wrote.
+modules, and those /init needs to mount virtio-fs shares and a --root).
+What that initramfs carries, and in which order /init loads it, is checked
+here on any machine.  Everything asserted about the boot is what Linux
+itself prints on the UART, so the test checks the launcher from the guest's
+side: the command line it passed, and the e820 map it wrote.
 
 How far the boot goes depends on the kind of KVM (docs/abi.md section 7):
   - hardware KVM: all the way to a command in the initramfs, which looks
@@ -26,6 +28,8 @@ import stat
 import time
 import warnings
 
+import sys
+
 import pytest
 
 from conftest import ROOT
@@ -33,9 +37,14 @@ from pylguest import Guest
 from pylguest.boot.cpio import read_newc
 from pylguest.kvm import detect_kvm_kind
 
+sys.path.insert(0, str(ROOT / "tools"))      # tools/ is not a package
+import module_initramfs                       # noqa: E402
+
 KERNEL = ROOT / "downloads" / "debian-kernel" / "vmlinuz"
 VERSION = ROOT / "downloads" / "debian-kernel" / "VERSION"
+MODULES_BUILTIN = ROOT / "downloads" / "debian-kernel" / "modules" / "modules.builtin"
 INITRAMFS = ROOT / "build" / "debian" / "initramfs.cpio"
+MODULES = "lib/modules/pylguest/"           # where /init finds them (guests/linux/init)
 
 # panic=-1: a kernel that panics reboots at once (through the i8042, which
 # stops the launcher) instead of sitting there until the timeout.
@@ -167,6 +176,80 @@ def initramfs(debian_kernel):
     if b"\0vermagic=" + release.encode() + b" " not in lguest:
         pytest.skip(f"{INITRAMFS} is not for Linux {release}: run `make debian-initramfs`")
     return INITRAMFS
+
+
+# -- what the initramfs for Debian's kernel carries ------------------------------------
+
+
+def test_the_initramfs_asks_for_virtiofs_overlay_and_ext4_after_the_device_drivers(capsys):
+    # Which modules the tool starts its walk from, against a made-up kernel
+    # (names only: drivers_to_load reads no module).  virtiofs mounts
+    # --share and a virtio-fs --root; overlay goes over a read-only --root;
+    # a --root IMAGE is ext4, which this kernel has built in.
+    index = {name: f"kernel/{name}.ko" for name in
+             ("virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "virtiofs",
+              "overlay", "fuse", "unrelated")}
+    roots = module_initramfs.drivers_to_load(index, {"ext4"})
+    assert roots == ["virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "virtiofs",
+                     "overlay"]
+    assert capsys.readouterr().out == "", "a built-in ext4 needs no word"
+
+    # A kernel with neither: said in one line each, not refused.
+    del index["overlay"], index["virtiofs"]
+    roots = module_initramfs.drivers_to_load(index, set())
+    assert roots == ["virtio_blk", "virtio_net", "virtio_console", "virtio_rng"]
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 3, notes
+    assert "no virtiofs driver" in notes[0]
+    assert "no overlay file system" in notes[1] and "no ext4 file system" in notes[2]
+
+
+def builtin_modules():
+    """The modules built into the fetched kernel, named as depends= names
+    them: kernel/fs/ext4/ext4.ko -> ext4 (read here, not with the tool)."""
+    return {line.strip().rsplit("/", 1)[-1].removesuffix(".ko").replace("-", "_")
+            for line in MODULES_BUILTIN.read_text().splitlines() if line.strip()}
+
+
+def modinfo_depends(body):
+    """depends= of a module, found by its "\\0depends=" text."""
+    match = re.search(rb"\0depends=([^\0]*)\0", body)
+    assert match, "a module without depends="
+    return [name for name in match.group(1).decode().split(",") if name]
+
+
+def test_debian_initramfs_carries_virtiofs_overlay_and_ext4_in_dependency_order(initramfs):
+    entries = {name: body for name, _, body, _ in read_newc(initramfs.read_bytes())[0]}
+    order = entries[MODULES + "load-order"].decode().split()
+    names = [file_name.removesuffix(".ko").replace("-", "_") for file_name in order]
+    builtin = builtin_modules()
+    assert len(names) == len(set(names)), order
+
+    # Each file system /init mounts is in the archive or in the kernel;
+    # virtiofs is a module in Debian's cloud kernel, and needs fuse.
+    for name in ("virtiofs", "fuse", "overlay", "ext4"):
+        assert name in names or name in builtin, f"{name} is neither packed nor built in"
+        assert not (name in names and name in builtin), f"{name} is built in, yet packed"
+    for name in ("virtiofs", "fuse", "overlay"):
+        assert name in names, f"{name}: Debian's cloud kernel has it as a module"
+
+    # Every module comes after each it depends on (or that one is built
+    # in), and the archive holds each file the load order names.
+    loaded = set()
+    for file_name, name in zip(order, names):
+        body = entries.get(MODULES + file_name)
+        assert body and body.startswith(b"\x7fELF"), f"{file_name} is not in the archive"
+        for dependency in modinfo_depends(body):
+            assert dependency in loaded or dependency in builtin, \
+                f"{file_name} is loaded before its {dependency}: {order}"
+        loaded.add(name)
+    assert names.index("fuse") < names.index("virtiofs")
+    assert names.index("virtio") < names.index("virtiofs")
+    assert names.index("virtio_ring") < names.index("virtiofs")
+    # The bus driver first of the drivers, so that /init's exit status gets
+    # out even if another fails to load; the file systems after the drivers.
+    assert names.index("lguest") < names.index("virtio_blk") < names.index("virtiofs")
+    assert names.index("virtiofs") < names.index("overlay")
 
 
 def last_line(text):

@@ -13,7 +13,11 @@ kernel can still run under pylguest if its initramfs brings
     that kernel: Linux refuses a module whose "vermagic" string (release,
     SMP, preempt, ...) differs from its own;
   - that kernel's virtio drivers (virtio_blk, virtio_net, virtio_console,
-    virtio_rng) and every module they need, from its lib/modules/<release>;
+    virtio_rng, and virtiofs for `pylguest run --share` and a virtio-fs
+    --root) and the file systems /init mounts (overlay, over a read-only
+    --root; ext4, a --root IMAGE), with every module they need (virtiofs
+    needs fuse), from its lib/modules/<release>; any of them the kernel
+    has built in (Debian's cloud kernel: ext4) needs nothing;
   - the order to load them in: a module loads only after the modules whose
     symbols it uses.  /init (guests/linux/init) loads them with busybox's
     insmod, which, unlike modprobe, resolves nothing itself.
@@ -80,7 +84,12 @@ BUS_DRIVER = "lguest"
 # The drivers for the devices the launcher offers, in the order we load
 # them, after the bus driver: that one goes first, so that even if a
 # driver fails to load, /init's exit status still reaches the launcher.
-DRIVERS = ("virtio_blk", "virtio_net", "virtio_console", "virtio_rng")
+DRIVERS = ("virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "virtiofs")
+# The file systems /init (guests/linux/init, mount_root) mounts besides the
+# kernel's own proc, sysfs, devtmpfs and tmpfs, loaded after the drivers:
+# overlay puts a tmpfs over a read-only --root, and a --root IMAGE is ext4.
+# (A virtio-fs share or root is the virtiofs driver's, above.)
+FILE_SYSTEMS = ("overlay", "ext4")
 BUILD_TIMEOUT = 300                     # seconds; a clean build takes a few
 WARNING = re.compile(r"warning", re.IGNORECASE)
 # Variables the outer make (`make debian-initramfs`) exports to its
@@ -372,16 +381,19 @@ def check_same_kernel(names, index, vermagic):
 
 
 def drivers_to_load(index, builtin):
-    """Those of DRIVERS this kernel has as modules.  One built in needs no
-    loading; one it lacks altogether leaves that kind of device without a
-    driver, which we say but do not refuse."""
+    """Those of DRIVERS and FILE_SYSTEMS this kernel has as modules, in that
+    order.  One built in needs no loading; one it lacks altogether leaves
+    that kind of device without a driver, or /init unable to mount that
+    file system, which we say but do not refuse."""
     roots = []
-    for driver in DRIVERS:
-        if driver in index:
-            roots.append(driver)
-        elif driver not in builtin:
-            print(f"module_initramfs: note: this kernel has no {driver} driver; "
-                  f"its devices will not work", flush=True)
+    for names, kind, loss in ((DRIVERS, "driver", "its devices will not work"),
+                              (FILE_SYSTEMS, "file system", "/init cannot mount it")):
+        for name in names:
+            if name in index:
+                roots.append(name)
+            elif name not in builtin:
+                print(f"module_initramfs: note: this kernel has no {name} {kind}; {loss}",
+                      flush=True)
     return roots
 
 
