@@ -1,4 +1,5 @@
-"""The Python API for scripted boots, on the hello and echo guests."""
+"""The Python API for scripted boots, on the hello and echo guests; and
+the `pylguest run` options it builds from share=, root= and net= (no boot)."""
 
 import re
 
@@ -6,6 +7,7 @@ import pytest
 
 from conftest import guest_path
 from pylguest import Guest, GuestTimeout
+from pylguest.errors import UsageError
 
 MiB = 1 << 20
 
@@ -63,3 +65,62 @@ def test_leaving_the_block_kills_a_running_guest(kvm_available):
     with Guest(guest_path("stop"), cmdline="how=spin", timeout=60) as guest:
         guest.expect("stop: spin")
     assert guest.status is not None
+
+
+# -- share=, root=, net=: the launcher's options, checked before anything starts --------
+
+
+def options_of(guest):
+    """The argv after `pylguest run KERNEL --timeout N`."""
+    return guest.argv[guest.argv.index("--timeout") + 2:]
+
+
+def test_share_root_and_net_become_the_launchers_options(tmp_path):
+    (tmp_path / "a").mkdir()
+    guest = Guest("bzImage", share=[tmp_path, f"{tmp_path / 'a'},tag=tests,ro,at=/opt/t"],
+                  root="/", net=["user,hostfwd=tcp:8022-:22", "tap:tap0,mac=52:54:00:00:00:01"],
+                  extra_args=["--rng"])
+    assert options_of(guest) == [
+        "--share", str(tmp_path), "--share", f"{tmp_path / 'a'},tag=tests,ro,at=/opt/t",
+        "--root", "/", "--net", "user,hostfwd=tcp:8022-:22",
+        "--net", "tap:tap0,mac=52:54:00:00:00:01", "--rng"]
+
+
+def test_one_str_is_one_item(tmp_path):
+    guest = Guest("bzImage", share=f"{tmp_path},ro", net="user", extra_args="--rng")
+    assert options_of(guest) == ["--share", f"{tmp_path},ro", "--net", "user", "--rng"]
+    assert options_of(Guest("bzImage", share=tmp_path, root=tmp_path)) == [
+        "--share", str(tmp_path), "--root", str(tmp_path)]
+    assert options_of(Guest("bzImage", share=[], net=())) == []
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(share="/nonexistent,ro"), "--share /nonexistent: no such directory"),
+    (dict(share="{tmp},rw"), "bad --share option 'rw': use HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH]"),
+    (dict(share="{tmp},at=relative"), "bad --share at='relative'"),
+    (dict(share=["{tmp},tag=t", "{tmp},tag=t"]), "two shares have the same tag: t, t"),
+    (dict(share="{tmp},tag=root", root="{tmp}"), "two shares have the same tag: root, root"),
+    (dict(root="/nonexistent"), "--root /nonexistent: no such directory or disk image"),
+    (dict(root="/,ro"), "bad --root '/,ro': use DIR, IMAGE, DIR,rw or IMAGE,rw"),
+    (dict(net="usr"), "bad --net 'usr': use tap:NAME"),
+    (dict(net="user,hostfwd=tcp:80"), "bad hostfwd=tcp:80"),
+    (dict(net=["user,hostfwd=tcp:8022-:22", "user,hostfwd=tcp:8022-:2222"]),
+     "host port tcp:8022 is forwarded by another --net user"),
+])
+def test_a_bad_value_is_the_launchers_one_line_before_anything_starts(tmp_path, options, why):
+    options = {k: [s.format(tmp=tmp_path) for s in v] if isinstance(v, list)
+               else v.format(tmp=tmp_path) for k, v in options.items()}
+    with pytest.raises(UsageError) as caught:
+        Guest("bzImage", **options)
+    assert why in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(share=5), "share= takes a str or a list of them, not 5"),
+    (dict(net=["user", None]), "net= takes a str or a list of them, not ['user', None]"),
+    (dict(root=["/"]), "root= takes a str (DIR|IMAGE[,rw]), not ['/']"),
+])
+def test_a_value_of_the_wrong_type_is_a_type_error(options, why):
+    with pytest.raises(TypeError, match=re.escape(why)):
+        Guest("bzImage", **options)
+

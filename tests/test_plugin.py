@@ -69,6 +69,14 @@ def test_without_a_kernel_the_test_is_told_what_to_run(pytester, monkeypatch, tm
      "pylguest: boot timeout 'soon' is not a positive number of seconds"),
     ("def test_boots(guest_factory): guest_factory(timeout=-1)\n",
      "pylguest: timeout -1 is not a positive number of seconds"),
+    ("import pytest\n@pytest.mark.pylguest(share='/nonexistent,ro')\ndef test_boots(guest): pass\n",
+     "pylguest: --share /nonexistent: no such directory"),
+    ("import pytest\n@pytest.mark.pylguest(root=['/'])\ndef test_boots(guest): pass\n",
+     "pylguest: root= takes a str (DIR|IMAGE[,rw]), not ['/']"),
+    ("def test_boots(guest_factory): guest_factory(net='usr')\n",
+     "pylguest: bad --net 'usr': use tap:NAME"),
+    ("def test_boots(guest_factory): guest_factory(share=['.,tag=t', '.,tag=t'])\n",
+     "pylguest: two shares have the same tag: t, t"),
 ])
 def test_bad_guest_options_are_one_line_before_any_boot(pytester, tmp_path, test_file, why):
     kernel = tmp_path / "bzImage"
@@ -130,3 +138,51 @@ def test_a_users_suite_under_xdist_and_its_failure_report(pytester, kvm_availabl
         ("guest0-console.log", "guest0-commands.txt"))]
     assert len(logs) == 2 and all(os.path.exists(path) for path in logs), logs
     assert "marker-in-the-transcript" in open(logs[1]).read()
+
+
+# A user's tests that look at the launcher options their guests would get,
+# without booting (their own pytest process: Guest.start and wait_ready
+# do nothing there).
+ARGV_TESTS = """
+    import pytest
+    from pylguest.guest import Guest
+
+    Guest.start = lambda self: self                 # this pytest run boots nothing
+    Guest.wait_ready = lambda self, timeout=None: None
+
+    def options(guest):
+        return guest.argv[guest.argv.index("--timeout") + 2:]
+
+    def test_none_of_them(guest_factory):
+        assert options(guest_factory()) == []
+
+    @pytest.mark.pylguest(share="TMP/marker,ro", net="user", root="TMP/marker")
+    def test_the_call_adds_to_the_marker_and_wins_over_it(guest_factory):
+        guest = guest_factory(share="TMP/call", net=["user,hostfwd=tcp:18022-:22"], root="/",
+                              disks="TMP/disk.img")
+        assert options(guest) == [
+            "--share", "TMP/marker,ro", "--share", "TMP/call", "--root", "/",
+            "--net", "user", "--net", "user,hostfwd=tcp:18022-:22", "--block", "TMP/disk.img"]
+
+    def test_the_root_setting_is_every_guests(guest, module_guest):
+        assert options(guest) == options(module_guest) == ["--root", "TMP/marker,rw"]
+"""
+
+
+def test_share_root_and_net_reach_the_launcher_in_order(pytester, tmp_path):
+    (tmp_path / "marker").mkdir()
+    (tmp_path / "call").mkdir()
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"not booted")
+    pytester.makepyfile(test_user=ARGV_TESTS.replace("TMP", str(tmp_path)))
+
+    def run(*args):
+        return pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                             f"--pylguest-kernel={kernel}", *args)
+    run("-k", "not root_setting").assert_outcomes(passed=2)
+    run("-k", "root_setting", f"--pylguest-root={tmp_path}/marker,rw").assert_outcomes(passed=1)
+    pytester.makeini(f"""
+        [pytest]
+        pylguest_root = {tmp_path}/marker,rw
+    """)
+    run("-k", "root_setting").assert_outcomes(passed=1)

@@ -16,6 +16,14 @@ section 8), apart from the console:
         assert (result.status, result.stderr) == (3, "oops\n")
         guest.copy_to("data.bin", "/tmp/data.bin")
 
+Devices and file systems take `pylguest run`'s option values: a host
+directory shared into the guest (`share="build/tests,ro"`: mounted at
+/mnt/share0), the guest's root file system (`root="/"`: commands and the
+agent run chrooted into it, writes kept in guest memory) and user-mode
+networking (`net="user"`).  Where a list is taken, one str is one item.
+They are checked as the launcher checks them, before anything starts: a
+bad one is a pylguest.errors.UsageError (TypeError for a value of the wrong type).
+
 The guest runs in its own `pylguest run` process, so a guest that crashes,
 hangs or triple-faults can never take the test down with it, and its exit
 status is exactly what the command line would give.  Console output is
@@ -45,6 +53,7 @@ import threading
 import time
 
 import pylguest
+from pylguest.errors import UsageError
 from pylguest.agent.session import (DEFAULT_TIMEOUT, AgentError, ChannelClosed, CommandFailed,
                                     Session, socket_pair)
 
@@ -59,11 +68,68 @@ class GuestTimeout(AssertionError):
 __all__ = ["Guest", "GuestTimeout", "AgentError", "ChannelClosed", "CommandFailed"]
 
 
+def option_list(value, what):
+    """The values of a repeatable option: None is none, one str (or path)
+    is one item, and a list, tuple or other iterable is one item each."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    if isinstance(value, bytes):
+        return [os.fsdecode(value)]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{what}= takes a str or a list of them, not {value!r}") from None
+    for item in items:
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise TypeError(f"{what}= takes a str or a list of them, not {value!r}")
+    return [os.fsdecode(item) for item in items]
+
+
+def device_args(*, share=None, root=None, net=None):
+    """The `pylguest run` options for share= (HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH],
+    one or a list), root= (DIR|IMAGE[,rw]) and net= (tap:NAME[,mac=MAC] or
+    user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...[,mac=MAC], one or a list),
+    each checked by the launcher's own parsers: UsageError, one line, for
+    a bad value; TypeError for a value that is not a str (or a path)."""
+    from pylguest.devices.fs import parse_share
+    from pylguest.devices.options import parse_net, parse_root
+    shares, nets = option_list(share, "share"), option_list(net, "net")
+    if root is not None and not isinstance(root, (str, bytes, os.PathLike)):
+        raise TypeError(f"root= takes a str (DIR|IMAGE[,rw]), not {root!r}")
+    root = None if root is None else os.fsdecode(root)
+    tags = [parse_share(spec, i).tag for i, spec in enumerate(shares)]
+    if root is not None and parse_root(root).directory:
+        tags.append("root")
+    if len(set(tags)) != len(tags):
+        raise UsageError(f"two shares have the same tag: {', '.join(tags)}")
+    forwarded = set()
+    for i, spec in enumerate(nets):
+        backend, _ = parse_net(spec, i)
+        for f in getattr(backend, "forwards", ()):
+            if (f.protocol, f.host_port) in forwarded:
+                raise UsageError(f"bad --net {spec!r}: host port {f.protocol}:{f.host_port} "
+                                 "is forwarded by another --net user")
+            forwarded.add((f.protocol, f.host_port))
+    args = []
+    for spec in shares:
+        args += ["--share", spec]
+    if root is not None:
+        args += ["--root", root]
+    for spec in nets:
+        args += ["--net", spec]
+    return args
+
+
 class Guest:
     def __init__(self, kernel, *, cmdline=None, initrd=None, mem=None, timeout=60.0,
                  trace=False, extra_args=(), command=None, env=None, wrapper=(),
-                 agent=False):
-        """`extra_args` are more `pylguest run` options (--block, --net, ...);
+                 agent=False, share=None, root=None, net=None):
+        """`share`, `root` and `net` are `pylguest run`'s --share, --root and
+        --net values (a str, or for share and net a list of them), checked
+        here (UsageError, TypeError: see device_args); `extra_args` are more
+        `pylguest run` options (--block, --rng, ...);
         `command` is what the guest's init runs (`-- CMD ARG...`: the exit
         status is then the command's); `wrapper` is a command prefix, e.g.
         ("ip", "netns", "exec", "ns1"); `agent` makes it a session (run(),
@@ -79,7 +145,8 @@ class Guest:
             self.argv += ["--mem", str(mem)]
         if trace:
             self.argv.append("--trace")
-        self.argv += list(extra_args)
+        self.argv += device_args(share=share, root=root, net=net)
+        self.argv += option_list(extra_args, "extra_args")
         self.agent = agent
         self.command = None if command is None else list(command)
         self.env = dict(os.environ if env is None else env)

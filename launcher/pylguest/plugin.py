@@ -8,8 +8,8 @@ Installed with pylguest (the `pytest11` entry point), so in any repository:
 
 Fixtures:
   guest           a booted session guest of its own for each test
-  guest_factory   guest_factory(mem="512M", disks=[...], ...) boots more, each
-                  with its own options; all are stopped after the test
+  guest_factory   guest_factory(mem="512M", disks=[...], share=..., ...) boots
+                  more, each with its own options; all are stopped after the test
   module_guest    one guest shared by a module's tests, and
   session_guest   one shared by the whole run (per xdist worker): for tests
                   that only read.  Whatever one test changes in it (files,
@@ -20,9 +20,14 @@ Configuration, most specific first: the `pylguest` marker's keywords
 options (`--pylguest-kernel`, ...), ini keys (`pylguest_kernel`, ...),
 the environment (PYLGUEST_KERNEL, PYLGUEST_INITRD), and last pylguest's
 own kernel and initramfs, built by `make linux` in the clone pylguest is
-installed from (build/linux/).  Several kernels: `pylguest_kernels` lines
-of NAME=KERNEL[,INITRD] parametrize every test that boots a guest, with
-NAME as its test id (the shared guests boot the default kernel).
+installed from (build/linux/).  Devices and file systems are `pylguest
+run`'s option values: disks= (--block), net= (--net: "user" or
+"tap:NAME"), share= (--share: a host directory, mounted in the guest),
+root= (--root: the guest's root file system; also --pylguest-root and
+pylguest_root, for every guest); where a list is taken, one str is one
+item.  Several kernels: `pylguest_kernels` lines of NAME=KERNEL[,INITRD]
+parametrize every test that boots a guest, with NAME as its test id (the
+shared guests boot the default kernel).
 
 On failure the report shows each guest's console tail and the test's
 commands (argv, status, duration, output tails); the full console log and
@@ -43,7 +48,7 @@ BOOT_TIMEOUT = 300.0            # seconds for the agent to answer (a boot, here:
 RUN_TIMEOUT = 3600.0            # the launcher's --timeout: no guest outlives a hung run
 CONSOLE_TAIL = 3000             # characters of console in a failure report
 TRANSCRIPT_TAIL = 20            # commands in a failure report
-OPTIONS = ("kernel", "initrd", "mem", "cmdline", "boot_timeout")
+OPTIONS = ("kernel", "initrd", "mem", "cmdline", "root", "boot_timeout")
 
 
 class KernelSpec(NamedTuple):
@@ -58,6 +63,8 @@ def pytest_addoption(parser):
     group.addoption("--pylguest-initrd", help="its initramfs (pylguest's, with the agent)")
     group.addoption("--pylguest-mem", help="guest memory, e.g. 512M")
     group.addoption("--pylguest-cmdline", help="words added to the kernel command line")
+    group.addoption("--pylguest-root", metavar="DIR|IMAGE[,rw]",
+                    help="the guests' root file system (pylguest run --root), e.g. /")
     group.addoption("--pylguest-boot-timeout", help="seconds to wait for a guest to boot")
     for name in OPTIONS:
         parser.addini(f"pylguest_{name}", f"pylguest: default {name.replace('_', ' ')}")
@@ -69,7 +76,8 @@ def pytest_configure(config):
     config.pylguest_kernels = configured_kernels(config)   # a bad line: one usage error
     config.addinivalue_line(
         "markers", "pylguest(**options): options for this test's guests (kernel, initrd, mem, "
-                   "cmdline, disks, net, rng, timeout, boot_timeout, extra_args)")
+                   "cmdline, disks, net, share, root, rng, timeout, boot_timeout, "
+                   "extra_args)")
 
 
 def _setting(config, name):
@@ -157,14 +165,17 @@ class GuestFactory:
         self.guests = []
 
     def __call__(self, *, kernel=None, initrd=None, mem=None, cmdline=None, disks=(), net=(),
-                 rng=False, timeout=None, boot_timeout=None, extra_args=()):
+                 share=(), root=None, rng=False, timeout=None, boot_timeout=None,
+                 extra_args=()):
         """Boot one more guest and wait until its agent answers.  What is
         given here wins over the marker's keywords, which win over the
-        options and ini keys."""
-        from pylguest.guest import Guest
+        options and ini keys; disks, net, share and extra_args add to the
+        marker's.  Where a list is taken, one str is one item."""
+        from pylguest.errors import UsageError
+        from pylguest.guest import Guest, option_list
         options = dict(self.marker_options)
-        given = dict(kernel=kernel, initrd=initrd, mem=mem, cmdline=cmdline, timeout=timeout,
-                     boot_timeout=boot_timeout)
+        given = dict(kernel=kernel, initrd=initrd, mem=mem, cmdline=cmdline, root=root,
+                     timeout=timeout, boot_timeout=boot_timeout)
         options.update({k: v for k, v in given.items() if v is not None})
         kernel = options.get("kernel") or self.spec.kernel
         initrd = options.get("initrd") or (self.spec.initrd if not options.get("kernel") else None)
@@ -174,20 +185,30 @@ class GuestFactory:
             if path and not os.path.exists(path):
                 pytest.fail(f"pylguest: the guest's {what} {path} does not exist (run `make "
                             "linux` in pylguest's clone, or configure another)", pytrace=False)
-        args = list(options.get("extra_args", ())) + list(extra_args)
-        for disk in list(options.get("disks", ())) + list(disks):
-            args += ["--block", os.fspath(disk)]
-        for spec in list(options.get("net", ())) + list(net):
-            args += ["--net", spec]
-        if rng or options.get("rng"):
-            args.append("--rng")
+
+        def both(name, here):
+            """The marker's values for a list keyword, then the call's."""
+            return option_list(options.get(name), name) + option_list(here, name)
+
         boot_timeout = _seconds(options.get("boot_timeout")
                                 or _setting(self.config, "boot_timeout") or BOOT_TIMEOUT,
                                 "boot timeout")
-        guest = Guest(kernel, initrd=initrd, mem=options.get("mem") or _setting(self.config, "mem"),
-                      cmdline=options.get("cmdline") or _setting(self.config, "cmdline"),
-                      timeout=_seconds(options.get("timeout", RUN_TIMEOUT), "timeout"),
-                      extra_args=args, agent=True)
+        try:
+            args = both("extra_args", extra_args)
+            for disk in both("disks", disks):
+                args += ["--block", disk]
+            if rng or options.get("rng"):
+                args.append("--rng")
+            guest = Guest(kernel, initrd=initrd,
+                          mem=options.get("mem") or _setting(self.config, "mem"),
+                          cmdline=options.get("cmdline") or _setting(self.config, "cmdline"),
+                          timeout=_seconds(options.get("timeout", RUN_TIMEOUT), "timeout"),
+                          share=both("share", share), net=both("net", net),
+                          root=options.get("root") or _setting(self.config, "root"),
+                          extra_args=args, agent=True)
+        except (UsageError, TypeError) as e:
+            # A bad share, root or net, found by the launcher's own parsers.
+            pytest.fail(f"pylguest: {e}", pytrace=False)
         self.guests.append(guest)
         guest.start()
         try:
@@ -207,8 +228,8 @@ class BootFailed(Exception):
     """A guest fixture's guest did not come up."""
 
 
-MARKER_KEYWORDS = {"kernel", "initrd", "mem", "cmdline", "disks", "net", "rng", "timeout",
-                   "boot_timeout", "extra_args"}
+MARKER_KEYWORDS = {"kernel", "initrd", "mem", "cmdline", "disks", "net", "share", "root", "rng",
+                   "timeout", "boot_timeout", "extra_args"}
 
 
 def _marker_options(request):
