@@ -82,6 +82,8 @@ bench: install guests
 	$(PYTHON) bench/disk_parallelism.py
 	$(PYTHON) bench/linux_boot.py
 	$(PYTHON) bench/agent_channel.py
+	$(PYTHON) bench/share_and_root.py
+	$(PYTHON) bench/guest_tcp.py
 
 # Debian's cloud kernel, unpacked (never installed) into downloads/.
 debian-kernel:

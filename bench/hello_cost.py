@@ -53,12 +53,37 @@ HELLO_ARGS = ["-m", "pylguest", "run", HELLO, "--cmdline", "exit=0", "--timeout"
 # included, for cffi) through PYTHONPATH instead.
 NO_SITE_PATH = os.pathsep.join([LAUNCHER] + [p for p in sys.path if p])
 
+# The baseline for guest memory in a memfd (memory.py, since vhost-user
+# needs a file to share): the hello guest with GuestMemory's mapping made
+# the way it was before, anonymous and shared, and the launcher run as
+# `python -m pylguest` does.  It reaches into GuestMemory's fields: if they
+# change, this row fails loudly rather than measuring something else.
+ANONYMOUS_MEMORY = """
+import mmap, sys
+from pylguest import memory
+def anonymous(self, regions):
+    self.regions = tuple(regions)
+    self.size = sum(r.size for r in self.regions)
+    self.fd = -1
+    self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+                          | getattr(mmap, "MAP_NORESERVE", 0))
+    self._bytes = None
+    address = memory.ffi.from_buffer(self._map)
+    self.host_address = int(memory.ffi.cast("uintptr_t", address))
+    memory.ffi.release(address)
+memory.GuestMemory.__init__ = anonymous
+from pylguest.cli import main
+sys.argv[0] = "pylguest"
+sys.exit(main(sys.argv[1:]))
+"""
+
 COMMANDS = [
     ("python -c pass", [sys.executable, "-c", "pass"], None),
     ("python -S -c pass", [sys.executable, "-S", "-c", "pass"], None),
     ("import pylguest.machine", [sys.executable, "-c", "import pylguest.machine"], None),
     ("hello guest", [sys.executable, *HELLO_ARGS], None),
     ("hello guest, python -S", [sys.executable, "-S", *HELLO_ARGS], NO_SITE_PATH),
+    ("hello, anonymous memory", [sys.executable, "-c", ANONYMOUS_MEMORY, *HELLO_ARGS[2:]], None),
 ]
 
 # The same guest RAM as the hello guest's (pylguest's default, 256M); the

@@ -61,6 +61,7 @@ class FuseRig:
         self.rings = [RingBuilder(self.memory, 256, pfn) for pfn in self.pfns]
         self.data = Allocator(self.memory, 0x200000, 0x400000)
         self.unique = 0
+        self.rooms = []          # each request's reply buffer, in order
 
     def activate(self):
         self.device.activate(0, list(zip(self.device.queue_sizes, self.pfns)))
@@ -74,15 +75,17 @@ class FuseRig:
         header = FUSE_IN_HEADER.pack(FUSE_IN_HEADER.size + len(body), opcode, self.unique,
                                      nodeid, 0, 0, 0, 0, 0)
         out, room = self.data.buffer(header + body), self.data.buffer(size=reply)
+        self.rooms.append(room)
         ring = self.rings[1]
         done = ring.used_idx
-        ring.add_chain([(*out, False), (*room, True)])
+        posted = ring.add_chain([(*out, False), (*room, True)])
         os.eventfd_write(self.kicks[1], 1)               # what KVM does on the guest's kick
         deadline = time.monotonic() + timeout
         while ring.used_idx == done:
             assert time.monotonic() < deadline, "no reply from the device"
             time.sleep(0.002)
         head, written = ring.used_elem(done)
+        assert head == posted, f"used entry {done} is head {head}, not the {posted} just posted"
         length, error, unique = FUSE_OUT_HEADER.unpack(self.memory.read(room[0], 16))
         assert unique == self.unique and length == written
         return -error, self.memory.read(room[0] + 16, written - 16)
@@ -249,6 +252,10 @@ def test_when_the_daemon_dies_requests_fail_with_eio_and_it_is_said_once(share_d
         time.sleep(0.01)
     assert rig.lookup(1, "file.txt")[0] == EIO
     assert rig.lookup(1, "sub")[0] == EIO
+    # Taken back where the daemon stopped: nothing it answered is answered
+    # again (its replies to FUSE_INIT and the first lookup are untouched).
+    assert [FUSE_OUT_HEADER.unpack(rig.memory.read(room[0], 16))[1]
+            for room in rig.rooms] == [0, 0, -EIO, -EIO]
     assert rig.reports == ["virtiofsd for fs0 was killed by SIGKILL (nothing on stderr): "
                            "fs0 answers every request with EIO from now on"]
     # A reset and a new start keep answering: the device is usable, not stuck.

@@ -115,8 +115,12 @@ def build_parser():
     run.add_argument("--block", action="append", default=[], metavar="PATH[,ro][,direct]",
                      help="a raw disk image as a virtio block device (repeatable; direct: "
                           "O_DIRECT, past the host's page cache)")
-    run.add_argument("--net", action="append", default=[], metavar="tap:NAME[,mac=MAC]",
-                     help="a virtio network device on tap interface NAME (repeatable)")
+    run.add_argument("--net", action="append", default=[],
+                     metavar="tap:NAME[,mac=MAC]|user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...",
+                     help="a virtio network device (repeatable): on tap interface NAME, or "
+                          "user-mode networking through passt (no root, no tap; the guest "
+                          "gets its address by DHCP, the gateway's address reaches the "
+                          "host, hostfwd forwards a host port to the guest)")
     run.add_argument("--rng", action="store_true", help="a virtio entropy device (/dev/urandom)")
     run.add_argument("--share", action="append", default=[],
                      metavar="HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH]",

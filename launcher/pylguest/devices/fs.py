@@ -41,7 +41,6 @@ import re
 import socket
 import struct
 import tempfile
-import threading
 from typing import NamedTuple
 
 from pylguest.daemon import Daemon, DaemonError, find_program
@@ -173,6 +172,7 @@ class FsDevice(VirtioDevice):
         self.started = []             # queue indices the daemon serves now
         self.dead = None              # the daemon's death line, once it died
         self.fallback = []            # our own workers, once it died
+        self.stopping_workers = []    # asked to stop, not yet joined
         self.kick_fds, self.irq_fd = [], -1
         program = find_program("virtiofsd", VIRTIOFSD_CANDIDATES, VIRTIOFSD_PACKAGE,
                                override=virtiofsd or os.environ.get("PYLGUEST_VIRTIOFSD"))
@@ -261,7 +261,9 @@ class FsDevice(VirtioDevice):
 
     def reset(self):
         self._stop_queues()
-        self._stop_fallback()
+        # Not joined here: reset runs under the device's lock, which a
+        # worker may be waiting for; close() joins them.
+        self._stop_fallback(join=False)
         super().reset()
 
     def _stop_queues(self):
@@ -305,13 +307,15 @@ class FsDevice(VirtioDevice):
             self.fallback.append(worker)
             worker.start()
 
-    def _stop_fallback(self):
+    def _stop_fallback(self, join=True, timeout=1.0):
         workers, self.fallback = self.fallback, []
         for worker in workers:
             worker.request_stop()
-        for worker in workers:
-            if threading.current_thread() is not worker.thread:
-                worker.join(1.0)
+        self.stopping_workers += workers
+        if join:
+            for worker in self.stopping_workers:
+                worker.join(timeout)
+            self.stopping_workers = [w for w in self.stopping_workers if w.thread.is_alive()]
 
     def process(self, index, vq):
         """Only once the daemon is dead: every request fails with EIO."""
@@ -327,7 +331,7 @@ class FsDevice(VirtioDevice):
     # -- the end ---------------------------------------------------------------
 
     def close(self, timeout=5.0):
-        self._stop_fallback()
+        self._stop_fallback(timeout=min(timeout, 1.0))
         if getattr(self, "daemon", None) is not None:
             self.daemon.closing = True    # its exit is ours now, not news
         frontend = getattr(self, "frontend", None)
