@@ -310,3 +310,64 @@ def test_kill_9_of_the_launcher_leaves_no_virtiofsd(share_dir):
             launcher.kill()
             launcher.wait(timeout=10)
         launcher.stdin.close()
+
+
+# -- from the command line: one line, and the exit status --------------------------
+
+def run_launcher(*args):
+    return subprocess.run([sys.executable, "-m", "pylguest", "run", "guests/build/hello.elf",
+                           "--cmdline", "exit=0", "--timeout", "30", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_missing_virtiofsd_is_exit_2_in_one_line(tmp_path):
+    run = run_launcher("--share", str(tmp_path), "--virtiofsd", str(tmp_path / "virtiofsd"))
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [f"pylguest: virtiofsd {str(tmp_path / 'virtiofsd')!r} "
+                                       "is not an executable file"]
+
+
+def test_a_daemon_that_will_not_start_is_one_line_naming_it(tmp_path):
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\necho 'fake: no such option --fd' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    run = run_launcher("--share", str(tmp_path), "--virtiofsd", str(fake))
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == ["pylguest: virtiofsd for fs0 did not start: "
+                                       "fake: no such option --fd"]
+
+
+def test_bad_share_and_root_options_are_exit_2_in_one_line(tmp_path):
+    for args, words in [(["--share", f"{tmp_path},bogus"], "bad --share option 'bogus'"),
+                        (["--share", str(tmp_path / "none")], "no such directory"),
+                        (["--root", f"{tmp_path},ro"], "bad --root"),
+                        (["--root", "/dev/null"], "neither a directory nor a disk image")]:
+        run = run_launcher(*args)
+        assert run.returncode == 2, run.stderr
+        assert len(run.stderr.splitlines()) == 1 and words in run.stderr, run.stderr
+
+
+LYING_DAEMON = """#!{python}
+import socket, struct, sys
+fd = int(next(a for a in sys.argv if a.startswith("--fd="))[5:])
+conn, _ = socket.socket(fileno=fd).accept()
+while True:
+    header = conn.recv(12, socket.MSG_WAITALL)
+    if len(header) < 12:
+        break
+    request, flags, size = struct.unpack("<III", header)
+    if size:
+        conn.recv(size, socket.MSG_WAITALL)
+    if request == 1:                       # GET_FEATURES: a reply of the wrong size
+        conn.sendall(struct.pack("<III", 1, 0x5, 4096))
+"""
+
+
+def test_a_daemon_that_answers_wrongly_is_one_line_naming_the_message(tmp_path):
+    fake = tmp_path / "virtiofsd"
+    fake.write_text(LYING_DAEMON.format(python=sys.executable))
+    fake.chmod(0o755)
+    run = run_launcher("--share", str(tmp_path), "--virtiofsd", str(fake))
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == ["pylguest: virtiofsd for fs0: GET_FEATURES: reply has a "
+                                       "4096-byte payload (this reply has 8)"]
