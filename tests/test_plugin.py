@@ -76,7 +76,7 @@ def test_without_a_kernel_the_test_is_told_what_to_run(pytester, monkeypatch, tm
     ("def test_boots(guest_factory): guest_factory(net='usr')\n",
      "pylguest: bad --net 'usr': use tap:NAME"),
     ("def test_boots(guest_factory): guest_factory(share=['.,tag=t', '.,tag=t'])\n",
-     "pylguest: two shares have the same tag: t, t"),
+     "pylguest: two --share options have the same tag: t, t"),
 ])
 def test_bad_guest_options_are_one_line_before_any_boot(pytester, tmp_path, test_file, why):
     kernel = tmp_path / "bzImage"

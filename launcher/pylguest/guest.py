@@ -53,7 +53,6 @@ import threading
 import time
 
 import pylguest
-from pylguest.errors import UsageError
 from pylguest.agent.session import (DEFAULT_TIMEOUT, AgentError, ChannelClosed, CommandFailed,
                                     Session, socket_pair)
 
@@ -93,25 +92,13 @@ def device_args(*, share=None, root=None, net=None):
     user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...[,mac=MAC], one or a list),
     each checked by the launcher's own parsers: UsageError, one line, for
     a bad value; TypeError for a value that is not a str (or a path)."""
-    from pylguest.devices.fs import parse_share
-    from pylguest.devices.options import parse_net, parse_root
+    from pylguest.devices.options import plan_nets, plan_shares
     shares, nets = option_list(share, "share"), option_list(net, "net")
     if root is not None and not isinstance(root, (str, bytes, os.PathLike)):
         raise TypeError(f"root= takes a str (DIR|IMAGE[,rw]), not {root!r}")
     root = None if root is None else os.fsdecode(root)
-    tags = [parse_share(spec, i).tag for i, spec in enumerate(shares)]
-    if root is not None and parse_root(root).directory:
-        tags.append("root")
-    if len(set(tags)) != len(tags):
-        raise UsageError(f"two shares have the same tag: {', '.join(tags)}")
-    forwarded = set()
-    for i, spec in enumerate(nets):
-        backend, _ = parse_net(spec, i)
-        for f in getattr(backend, "forwards", ()):
-            if (f.protocol, f.host_port) in forwarded:
-                raise UsageError(f"bad --net {spec!r}: host port {f.protocol}:{f.host_port} "
-                                 "is forwarded by another --net user")
-            forwarded.add((f.protocol, f.host_port))
+    plan_shares(shares, root)              # the launcher's own checks, before any boot
+    plan_nets(nets)
     args = []
     for spec in shares:
         args += ["--share", spec]

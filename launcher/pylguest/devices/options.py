@@ -116,19 +116,43 @@ def disk_name(index):
     return "vd" + letters
 
 
-def _file_systems(config, devices, words):
-    """The --share and --root devices, appended to `devices`; their words
-    for init appended to `words`."""
-    if not config.share and not config.root:
-        return
-    from pylguest.devices.fs import FsDevice, Share, parse_share   # lazily: see above
-    root = parse_root(config.root) if config.root else None
-    shares = [parse_share(spec, i) for i, spec in enumerate(config.share)]
+def plan_shares(share_specs, root_spec):
+    """(shares, root): a Share for each --share and, last, for a --root
+    directory (tag "root"), and the Root or None; the tags checked
+    together (pylguest.Guest checks its options with this too)."""
+    from pylguest.devices.fs import Share, parse_share   # lazily: see the module docstring
+    root = parse_root(root_spec) if root_spec else None
+    shares = [parse_share(spec, i) for i, spec in enumerate(share_specs)]
     if root and root.directory:
         shares.append(Share(root.path, "root", not root.writable, None))
     tags = [s.tag for s in shares]
     if len(set(tags)) != len(tags):
         raise UsageError(f"two --share options have the same tag: {', '.join(tags)}")
+    return shares, root
+
+
+def plan_nets(net_specs):
+    """(backend, mac) for each --net; no host port forwarded by two --net
+    user devices (pylguest.Guest checks its options with this too)."""
+    planned, forwarded = [], set()
+    for i, spec in enumerate(net_specs):
+        backend, mac = parse_net(spec, i)
+        for f in getattr(backend, "forwards", ()):        # one passt per host port
+            if (f.protocol, f.host_port) in forwarded:
+                raise UsageError(f"bad --net {spec!r}: host port {f.protocol}:"
+                                 f"{f.host_port} is forwarded by another --net user")
+            forwarded.add((f.protocol, f.host_port))
+        planned.append((backend, mac))
+    return planned
+
+
+def _file_systems(config, devices, words):
+    """The --share and --root devices, appended to `devices`; their words
+    for init appended to `words`."""
+    if not config.share and not config.root:
+        return
+    from pylguest.devices.fs import FsDevice   # lazily: see the module docstring
+    shares, root = plan_shares(config.share, config.root)
     mounts = [f"{s.tag}:{s.at}{':ro' if s.read_only else ''}" for s in shares if s.at]
     if mounts:
         words.append("pylguest.shares=" + ",".join(mounts))
@@ -167,18 +191,11 @@ def create_devices(config, console_output):
         for i, (path, read_only, direct) in enumerate(blocks):
             from pylguest.devices.block import BlockDevice
             devices.append(BlockDevice(f"block{i}", path, read_only, direct=direct))
-        forwarded = set()
-        for i, spec in enumerate(config.net):
+        for i, (backend, mac) in enumerate(plan_nets(config.net)):
             from pylguest.devices.net import NetDevice
-            backend, mac = parse_net(spec, i)
             if isinstance(backend, str):
                 devices.append(NetDevice(f"net{i}", backend, mac))
                 continue
-            for f in backend.forwards:               # one passt per host port
-                if (f.protocol, f.host_port) in forwarded:
-                    raise UsageError(f"bad --net {spec!r}: host port {f.protocol}:"
-                                     f"{f.host_port} is forwarded by another --net user")
-                forwarded.add((f.protocol, f.host_port))
             devices.append(NetDevice.user(f"net{i}", mac, backend.forwards))
             if devices[-1].cmdline_words[0] not in words:   # pylguest.net=dhcp, once
                 words.extend(devices[-1].cmdline_words)
