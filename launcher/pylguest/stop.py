@@ -126,6 +126,12 @@ class StopRequest:
         if self._on_request is not None:
             self._on_request()
 
+    def clear(self):
+        """Forget a stop that was handled without ending the machine: a
+        pause, after which the run loop is entered again
+        (tools/kvm_state_probe.py)."""
+        self._stop = None
+
     def pending(self):
         """The Stop the run is ending with, or None while it goes on."""
         if self._stop is not None:
