@@ -20,7 +20,6 @@ docs/abi.md section 10 records what it printed here.  Nothing is saved.
 """
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -49,7 +48,8 @@ def probe_piece(fd, piece):
     except KvmError as e:
         wrote = f"no: {e}"
     after = state.as_bytes(state.read(fd, piece))
-    same = "yes" if after == before else f"differs in {sum(a != b for a, b in zip(after, before))} bytes"
+    changed = sum(a != b for a, b in zip(after, before))
+    same = "yes" if after == before else f"differs in {changed} bytes"
     return "yes", wrote, same
 
 
