@@ -7,9 +7,12 @@ runs to its own exit status: what was written back did not break it.
 tools/kvm_state_probe.py does the same with a Linux paused mid-run.
 """
 
+import subprocess
+import sys
+
 import pytest
 
-from conftest import guest_path
+from conftest import ROOT, guest_path
 from pylguest.kvm import state
 from pylguest.machine import Machine, MachineConfig
 
@@ -56,3 +59,21 @@ def test_the_msrs_kvm_lists_include_kvmclocks_and_write_back(machine):
 def test_an_msr_kvm_does_not_know_is_left_out_not_an_error(machine):
     assert state.read_msrs(machine.vcpu.fd, [0xDEADBEEF]) == {}
     assert state.write_msrs(machine.vcpu.fd, {0xDEADBEEF: 1}) == [0xDEADBEEF]
+
+
+@pytest.mark.slow
+def test_a_paused_linux_goes_on_in_a_new_vm(kvm_available, linux, wall_time):
+    """tools/kvm_state_probe.py: Linux paused in user space, every piece
+    read and written back, then restored into a second VM with its memory,
+    which must finish the count and power off with status 0."""
+    probe = subprocess.run([sys.executable, "tools/kvm_state_probe.py", "--pause-after", "22"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    wall_time("probe and restore")
+    out = probe.stdout
+    assert probe.returncode == 0, out + probe.stderr
+    assert "every piece set on a new VM; MSRs refused: none" in out, out
+    after = out.split("resuming the guest in a new VM", 1)[1]
+    assert "tick 11" in after, out
+    for line in out.splitlines():
+        if line.split()[:1] and line.split()[0] in {"regs", "sregs", "xsave", "lapic", "ioapic"}:
+            assert line.split()[1:3] == ["yes", "yes"], line

@@ -7,9 +7,12 @@ Before a snapshot can be designed (issue 17), the facts: this boots the
 project's Linux (build/linux, `make linux`) with a command that counts for
 a while, pauses the vCPU once it has reached user space, and for every
 piece of kvm/state.py's table (and every MSR KVM lists) reads it, writes
-the same bytes back, and reads it again.  Then it lets the guest run on
-and checks that it finishes its count and powers off with status 0: state
-written back did not break the guest.  It prints one line per piece:
+the same bytes back, and reads it again.  Then (unless --no-restore) it
+builds a second machine of the same shape, gives it the first one's
+memory, every piece of its state and its UART's registers, closes the
+first, and runs the second: a restore in one process, without files.
+The guest must finish its count and power off with status 0.  It prints
+one line per piece:
 
     read      the GET ioctl worked (or the error)
     write     the SET ioctl took the same blob back (or the error)
@@ -75,6 +78,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pause-after", type=float, default=25.0,
                         help="seconds to run before pausing (past the start of user space)")
+    parser.add_argument("--no-restore", dest="restore", action="store_false",
+                        help="resume the same VM instead of restoring into a new one")
     options = parser.parse_args()
     linux = ROOT / "build" / "linux"
     config = MachineConfig(kernel=str(linux / "bzImage"), initrd=str(linux / "initramfs.cpio"),
@@ -98,10 +103,14 @@ def main():
                  if clock.flags & bit]
         print(f"{'clock':<12} flags 0x{clock.flags:x} ({', '.join(flags) or 'none'}): "
               f"{'one exact value for every vCPU' if clock.flags & 2 else 'CLOCK_MONOTONIC plus an offset'}")
-        # Resume: the stop was handled, the vCPU may enter KVM_RUN again.
-        machine.stopping.clear()
-        machine.vcpu.kvm_run.immediate_exit = 0
-        print("\nresuming the guest")
+        if options.restore:
+            machine = restore_into_a_new_vm(machine, config)
+            print("\nresuming the guest in a new VM")
+        else:
+            # Resume: the stop was handled, the vCPU may enter KVM_RUN again.
+            machine.stopping.clear()
+            machine.vcpu.kvm_run.immediate_exit = 0
+            print("\nresuming the guest")
         last = supervise(machine.run_loop.run, machine.vcpu.kvm_run, machine.stopping,
                          timeout=120, flush=machine.console.flush)
         machine.console.flush()
@@ -109,6 +118,45 @@ def main():
         return 0 if last.status == 0 else 1
     finally:
         machine.close()
+
+
+# The order QEMU's x86 code puts a vCPU's state back in: the registers, the
+# FPU and XSAVE state with XCR0, the special registers, then the rest.
+RESTORE_ORDER = ("regs", "xsave", "xcrs", "sregs", "mp_state", "lapic", "events", "debugregs")
+UART_REGISTERS = ("ier", "lcr", "mcr", "fcr", "scr", "divisor", "line_errors", "thr_interrupt",
+                  "_line", "rx")
+
+
+def restore_into_a_new_vm(old, config):
+    """A second machine of the same shape, given the first one's memory and
+    every piece of its KVM state (and its UART's registers, the one device
+    a command-only guest has), while the first is closed: what a restore
+    would do, within one process and without files."""
+    pieces = {p.name: p for p in state.PIECES}
+    saved = {name: state.read(old.vcpu.fd if p.scope == "vcpu" else old.vm.fd, p)
+             for name, p in pieces.items()}
+    msrs = state.read_msrs(old.vcpu.fd, state.msr_indices(old.kvm.fd))
+    memory = old.memory.read(0, old.memory.size) if len(old.memory.regions) == 1 else None
+    uart = {name: getattr(old.uart, name) for name in UART_REGISTERS}
+    new = Machine(config)
+    try:
+        new.memory.write(0, memory)
+        for name, value in uart.items():
+            setattr(new.uart, name, value)
+        new.uart._publish()
+        for name in ("pic master", "pic slave", "ioapic", "pit2"):
+            state.write(new.vm.fd, pieces[name], saved[name])
+        for name in RESTORE_ORDER:
+            state.write(new.vcpu.fd, pieces[name], saved[name])
+        refused = state.write_msrs(new.vcpu.fd, msrs)
+        state.write(new.vm.fd, pieces["clock"], saved["clock"])
+        print(f"{'restore':<12} every piece set on a new VM; MSRs refused: "
+              f"{' '.join(hex(i) for i in refused) or 'none'}")
+    except BaseException:
+        new.close()
+        raise
+    old.close()
+    return new
 
 
 if __name__ == "__main__":
