@@ -34,11 +34,14 @@ def image_lock_is_free(path):
         os.close(fd)
 
 
-def threads_settle(count, within=2.0):
+def threads_left(before, within=2.0):
+    """The threads alive now that were not in `before` (a set of threads),
+    after up to `within` seconds for them to end.  Threads of earlier tests
+    that end meanwhile do not count either way."""
     deadline = time.monotonic() + within
-    while threading.active_count() > count and time.monotonic() < deadline:
+    while (new := set(threading.enumerate()) - before) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return threading.active_count()
+    return new
 
 
 def fail_on_second_ioeventfd(monkeypatch):
@@ -77,24 +80,24 @@ def test_a_construction_that_fails_releases_what_it_opened(kvm_available, tmp_pa
                       else names.get(value, value)) for key, value in settings.items()}
     if patch:
         patch(monkeypatch)
-    fds, threads = open_fds(), threading.active_count()
+    fds, threads = open_fds(), set(threading.enumerate())
 
     with pytest.raises(error):
         Machine(MachineConfig(**settings))
 
     assert open_fds() == fds
-    assert threads_settle(threads) == threads
+    assert threads_left(threads) == set()
     assert image_lock_is_free(image)
 
 
 def test_a_machine_that_was_built_closes_everything(kvm_available, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
-    fds, threads = open_fds(), threading.active_count()
+    fds, threads = open_fds(), set(threading.enumerate())
     machine = Machine(MachineConfig(kernel=str(guest_path("hello")), block=[str(image)], rng=True))
     assert not image_lock_is_free(image)              # ours while the machine lives
     machine.close()
     machine.close()                                    # twice is harmless
     assert open_fds() == fds
-    assert threads_settle(threads) == threads
+    assert threads_left(threads) == set()
     assert image_lock_is_free(image)
