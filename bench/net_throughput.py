@@ -168,19 +168,29 @@ def receive(bench, peer, length, frames):
             pass
         plain += time.perf_counter() - start
     drain(fd)
-    ring, got_ring = 0.0, 0
+    # drain: anything the ring had no room for (none expected)
+    ring, got_ring = ring_receive(bench, batches, length, lambda: inject(peer, data, BATCH),
+                                  after=lambda: drain(fd))
+    return plain, ring, got_plain, got_ring
+
+
+def ring_receive(bench, batches, length, deliver, after=lambda: None):
+    """(seconds, frames) of the device's receive loop over `batches`: the
+    ring refilled, deliver() puts a batch where the device reads, one
+    service() takes it; every frame must arrive whole."""
+    ring, got = 0.0, 0
     rx = bench.rings[RECEIVEQ]
     for _ in range(batches):
         bench.fill(RECEIVEQ, ROOM, write=True)
-        inject(peer, data, BATCH)
+        deliver()
         before = rx.used_idx
         ring += bench.timed_service(RECEIVEQ)
         taken = (rx.used_idx - before) & 0xFFFF
         for n in range(before, before + taken):
             assert rx.used_elem(n)[1] == len(VNET_HDR) + length, rx.used_elem(n)
-        got_ring += taken
-        drain(fd)                 # anything the ring had no room for (none expected)
-    return plain, ring, got_plain, got_ring
+        got += taken
+        after()
+    return ring, got
 
 
 def framed(data):
@@ -255,17 +265,7 @@ def stream_receive(bench, peer, length, frames):
             pass
         plain += time.perf_counter() - start
     got_plain //= len(framed(data))
-    ring, got_ring = 0.0, 0
-    rx = bench.rings[RECEIVEQ]
-    for _ in range(batches):
-        bench.fill(RECEIVEQ, ROOM, write=True)
-        peer.sendall(batch)
-        before = rx.used_idx
-        ring += bench.timed_service(RECEIVEQ)
-        taken = (rx.used_idx - before) & 0xFFFF
-        for n in range(before, before + taken):
-            assert rx.used_elem(n)[1] == len(VNET_HDR) + length, rx.used_elem(n)
-        got_ring += taken
+    ring, got_ring = ring_receive(bench, batches, length, lambda: peer.sendall(batch))
     return plain, ring, got_plain, got_ring
 
 

@@ -77,6 +77,34 @@ static int stream_transmit(struct pyl_vq *vq, struct pyl_chain *chain,
 static int stream_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 			  struct pyl_net *net, struct pyl_net_outcome *out);
 
+/*
+ * 5.1.6: a sent chain holds the header and at most a frame a driver that
+ * did not negotiate GSO may send.  1 (and the outcome filled in) if not.
+ */
+static int frame_fault(const struct pyl_chain *chain,
+		       struct pyl_net_outcome *out)
+{
+	if (chain->readable_len >= PYL_VNET_HDR_SIZE &&
+	    chain->readable_len <= PYL_MAX_FRAME)
+		return 0;
+	out->head = chain->head;
+	out->len = chain->readable_len;
+	out->stop = PYL_NET_FRAME_FAULT;
+	return 1;
+}
+
+/* 5.1.6: a receive buffer has room for at least the header. */
+static int room_fault(const struct pyl_chain *chain,
+		      struct pyl_net_outcome *out)
+{
+	if (chain->writable_len >= PYL_VNET_HDR_SIZE)
+		return 0;
+	out->head = chain->head;
+	out->len = chain->writable_len;
+	out->stop = PYL_NET_ROOM_FAULT;
+	return 1;
+}
+
 /* Send every frame of transmitq; the device writes nothing into them. */
 int pyl_net_transmit(struct pyl_vq *vq, struct pyl_chain *chain,
 		     struct pyl_net *net, struct pyl_net_outcome *out)
@@ -93,16 +121,8 @@ int pyl_net_transmit(struct pyl_vq *vq, struct pyl_chain *chain,
 			return out->stop = PYL_NET_DONE;
 		if (abandoned(net))
 			return out->stop = PYL_NET_ABANDONED;
-		/*
-		 * 5.1.6: the header, and at most a frame a driver that did
-		 * not negotiate GSO may send.
-		 */
-		if (chain->readable_len < PYL_VNET_HDR_SIZE ||
-		    chain->readable_len > PYL_MAX_FRAME) {
-			out->head = chain->head;
-			out->len = chain->readable_len;
-			return out->stop = PYL_NET_FRAME_FAULT;
-		}
+		if (frame_fault(chain, out))
+			return out->stop;
 		send_frame(net, chain);
 		pyl_vq_push(vq, chain->head, 0);
 		out->pushed++;
@@ -204,11 +224,8 @@ int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 		/* Taken by pop_with_notify or consume, with a frame waiting. */
 		if (abandoned(net))
 			return out->stop = PYL_NET_ABANDONED;
-		if (chain->writable_len < PYL_VNET_HDR_SIZE) {
-			out->head = chain->head;
-			out->len = chain->writable_len;
-			return out->stop = PYL_NET_ROOM_FAULT;
-		}
+		if (room_fault(chain, out))
+			return out->stop;
 		received = read_frame(net, chain);
 		if (received < 0)		/* cannot be: the frame waits */
 			received = 0;
@@ -324,13 +341,8 @@ static int stream_transmit(struct pyl_vq *vq, struct pyl_chain *chain,
 		}
 		if (abandoned(net))
 			return out->stop = PYL_NET_ABANDONED;
-		/* 5.1.6, as for a tap. */
-		if (chain->readable_len < PYL_VNET_HDR_SIZE ||
-		    chain->readable_len > PYL_MAX_FRAME) {
-			out->head = chain->head;
-			out->len = chain->readable_len;
-			return out->stop = PYL_NET_FRAME_FAULT;
-		}
+		if (frame_fault(chain, out))
+			return out->stop;
 		len = chain->readable_len - PYL_VNET_HDR_SIZE;
 		if (len == 0) {
 			/* No frame: length 0 means nothing on a stream. */
@@ -397,7 +409,8 @@ static int stream_frame_ready(struct pyl_net *net)
 }
 
 /* The frame at the front of rx into the chain, behind a zeroed header. */
-static uint64_t stream_deliver(struct pyl_net *net, const struct pyl_chain *chain)
+static uint64_t stream_deliver(struct pyl_net *net,
+			       const struct pyl_chain *chain)
 {
 	static const uint8_t header[PYL_VNET_HDR_SIZE];
 	uint32_t len = get_be32(net->rx + net->rx_start);
@@ -445,11 +458,8 @@ static int stream_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 			if (got == 0)
 				return out->stop = PYL_NET_STARVED;
 		}
-		if (chain->writable_len < PYL_VNET_HDR_SIZE) {
-			out->head = chain->head;
-			out->len = chain->writable_len;
-			return out->stop = PYL_NET_ROOM_FAULT;
-		}
+		if (room_fault(chain, out))
+			return out->stop;
 		pyl_vq_push(vq, chain->head, stream_deliver(net, chain));
 		net->received++;
 		out->pushed++;

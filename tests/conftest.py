@@ -156,6 +156,16 @@ def descendants(pid):
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def recv_exactly(sock, n):
+    """Exactly `n` bytes from a stream socket (its timeout bounds the wait)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the other end closed early"
+        data += chunk
+    return data

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import recv_exactly, wait_until
 from virtio_rig import DeviceRig
 
 from pylguest.devices import net
@@ -157,9 +157,15 @@ def pair(memory):
     """A NetDevice whose 'tap' is one end of a SOCK_SEQPACKET pair (frame
     boundaries kept, as a tap keeps them); the test holds the other end.
     No receive thread: the test drives receiveq as a kick would."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield from rig_on_socketpair(memory, socket.SOCK_SEQPACKET, "pair")
+
+
+def rig_on_socketpair(memory, kind, name, **device_options):
+    """A net device rig on one end of a socket pair of `kind`, the other
+    end the test's as rig.peer; closed again after the test."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
     theirs.settimeout(WAIT)
-    device = NetDevice("net0", "pair", MAC, tap_fd=ours.detach())
+    device = NetDevice("net0", name, MAC, tap_fd=ours.detach(), **device_options)
     rig = DeviceRig(device, memory, PFNS, DATA_AREA, start=False)
     rig.activate(indirect=True)
     rig.peer = theirs
@@ -271,24 +277,7 @@ def framed(payload):
 def stream(memory):
     """A stream NetDevice on one end of a SOCK_STREAM pair, the test's
     "passt" on the other; no receive thread (the test kicks)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.settimeout(WAIT)
-    device = NetDevice("net0", "user", MAC, tap_fd=ours.detach(), stream=True)
-    rig = DeviceRig(device, memory, PFNS, DATA_AREA, start=False)
-    rig.activate(indirect=True)
-    rig.peer = theirs
-    yield rig
-    device.close()
-    theirs.close()
-
-
-def recv_exactly(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the device closed its end"
-        data += chunk
-    return data
+    yield from rig_on_socketpair(memory, socket.SOCK_STREAM, "user", stream=True)
 
 
 def test_stream_transmit_strips_the_header_and_prefixes_the_length(stream):

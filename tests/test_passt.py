@@ -24,7 +24,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, alive, wait_until
 from virtio_rig import DeviceRig
 
 from pylguest.devices import passt as passt_module
@@ -142,14 +142,6 @@ def passt_pids():
     return found
 
 
-def gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 @have_passt
 def test_passt_runs_as_a_child_and_stops_with_the_device(memory):
     device = NetDevice.user("net0", MAC, (Forward("tcp", 0 or free_port(), 80),))
@@ -159,7 +151,7 @@ def test_passt_runs_as_a_child_and_stops_with_the_device(memory):
     assert device.cmdline_words == ("pylguest.net=dhcp",)
     rig.activate()
     assert device.close()
-    wait_until(lambda: gone(pid), WAIT)
+    wait_until(lambda: not alive(pid), WAIT)
     assert rig.reports == []                     # its end on close is no death
 
 
@@ -210,7 +202,7 @@ def test_kill_9_of_the_launcher_leaves_no_passt():
         assert len(children) == 1, passt_pids()
         launcher.kill()
         launcher.wait(timeout=WAIT)
-        wait_until(lambda: gone(children[0]), WAIT)
+        wait_until(lambda: not alive(children[0]), WAIT)
         with socket.socket() as s:               # and its forward is closed with it
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:

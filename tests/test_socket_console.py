@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from conftest import wait_until
+from conftest import recv_exactly, wait_until
 
 from pylguest.hostconsole.socket_console import SocketConsole
 from pylguest.errors import UsageError
@@ -51,13 +51,6 @@ def connect(path, console):
     return client
 
 
-def recv_exactly(client, n):
-    data = b""
-    while len(data) < n:
-        chunk = client.recv(n - len(data))
-        assert chunk, "connection closed early"
-        data += chunk
-    return data
 
 
 def received_exactly(console, n):

@@ -120,9 +120,6 @@ class Daemon:
         last = self.stderr_tail[-1].strip() if self.stderr_tail else "nothing on stderr"
         return f"{self.label} {how} ({last})"
 
-    def running(self):
-        return self.process.poll() is None
-
     def last_words(self):
         return self.stderr_tail[-1].strip() if self.stderr_tail else ""
 

@@ -171,8 +171,8 @@ class FsDevice(VirtioDevice):
         self.share = share
         self.started = []             # queue indices the daemon serves now
         self.dead = None              # the daemon's death line, once it died
-        self.fallback = []            # our own workers, once it died
-        self.stopping_workers = []    # asked to stop, not yet joined
+        self.fallback = []            # our own workers, once it died (close joins them)
+        self.daemon = self.frontend = self.mount_point = None
         self.kick_fds, self.irq_fd = [], -1
         program = find_program("virtiofsd", VIRTIOFSD_CANDIDATES, VIRTIOFSD_PACKAGE,
                                override=virtiofsd or os.environ.get("PYLGUEST_VIRTIOFSD"))
@@ -194,8 +194,9 @@ class FsDevice(VirtioDevice):
         try:
             self.daemon_features = self.frontend.handshake()
         except VhostUserError as e:
+            error = self._start_error(e)          # before close() stops the daemon
             self.close()
-            raise self._start_error(e) from None
+            raise error from None
 
     def _start_error(self, error):
         """A handshake that failed because the daemon died says why it died."""
@@ -261,9 +262,10 @@ class FsDevice(VirtioDevice):
 
     def reset(self):
         self._stop_queues()
-        # Not joined here: reset runs under the device's lock, which a
-        # worker may be waiting for; close() joins them.
-        self._stop_fallback(join=False)
+        # Asked to stop, not joined: reset runs under the device's lock,
+        # which a worker may be waiting for; close() joins them.
+        for worker in self.fallback:
+            worker.request_stop()
         super().reset()
 
     def _stop_queues(self):
@@ -307,16 +309,6 @@ class FsDevice(VirtioDevice):
             self.fallback.append(worker)
             worker.start()
 
-    def _stop_fallback(self, join=True, timeout=1.0):
-        workers, self.fallback = self.fallback, []
-        for worker in workers:
-            worker.request_stop()
-        self.stopping_workers += workers
-        if join:
-            for worker in self.stopping_workers:
-                worker.join(timeout)
-            self.stopping_workers = [w for w in self.stopping_workers if w.thread.is_alive()]
-
     def process(self, index, vq):
         """Only once the daemon is dead: every request fails with EIO."""
         return self.drain(vq, self._answer_eio)
@@ -331,14 +323,16 @@ class FsDevice(VirtioDevice):
     # -- the end ---------------------------------------------------------------
 
     def close(self, timeout=5.0):
-        self._stop_fallback(timeout=min(timeout, 1.0))
-        if getattr(self, "daemon", None) is not None:
-            self.daemon.closing = True    # its exit is ours now, not news
-        frontend = getattr(self, "frontend", None)
-        if frontend is not None:
-            frontend.sock.close()         # the daemon sees the end of its socket
-        if getattr(self, "daemon", None) is not None:
-            self.daemon.close()
+        for worker in self.fallback:
+            worker.request_stop()
+        for worker in self.fallback:
+            worker.join(min(timeout, 1.0))
+        self.fallback = []
+        if self.daemon is not None:
+            self.daemon.close()           # first: its end is ours, no death to report
+        if self.frontend is not None:
+            self.frontend.sock.close()
+        if self.mount_point is not None:
             try:
                 os.rmdir(self.mount_point)
             except OSError:

@@ -106,8 +106,9 @@ def _msrs(entries):
 
 
 def read_msrs(vcpu_fd, indices):
-    """{index: value} for each MSR in `indices` that this KVM reads; KVM
-    stops at the first it cannot, so each of those is asked again alone."""
+    """{index: value} for each MSR in `indices` that this KVM reads.  One
+    KVM_GET_MSRS per MSR: KVM stops a batch at the first MSR it cannot
+    read, and asking alone says which those are."""
     values = {}
     for index in indices:
         msrs, _room = _msrs([(index, 0)])
