@@ -257,6 +257,7 @@ int pyl_arm_stop_signals(struct kvm_run *run, int *signals, int count);
 void pyl_disarm_stop_signals(void);
 int pyl_stop_signal(void);
 void pyl_request_stop(int signo);
+void pyl_wake_vcpu(void);
 
 /* ---- run_fast.c: the exits answered without Python ---- */
 #define PYL_FAST_RING_SIZE ...
@@ -340,6 +341,22 @@ static void stop_handler(int signo)
     errno = saved;
 }
 
+/*
+ * A wake is not a stop: a pause (a snapshot, stop.py's StopRequest.pause)
+ * needs the vCPU out of KVM_RUN for a moment and then back in.  So it
+ * comes on a signal of its own, whose handler only sets immediate_exit
+ * and records nothing.
+ */
+#define WAKE_SIGNAL SIGUSR2
+static struct sigaction wake_saved;
+
+static void wake_handler(int signo)
+{
+    (void)signo;
+    if (stop_run)
+        stop_run->immediate_exit = 1;
+}
+
 int pyl_arm_stop_signals(struct kvm_run *run, int *signals, int count)
 {
     struct sigaction sa;
@@ -348,8 +365,11 @@ int pyl_arm_stop_signals(struct kvm_run *run, int *signals, int count)
     if (count > 8)
         return -EINVAL;
     memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = stop_handler;
+    sa.sa_handler = wake_handler;
     sigemptyset(&sa.sa_mask);
+    if (sigaction(WAKE_SIGNAL, &sa, &wake_saved) < 0)
+        return -errno;
+    sa.sa_handler = stop_handler;
     stop_run = run;
     stop_thread = pthread_self();
     stop_signo = 0;
@@ -367,6 +387,8 @@ void pyl_disarm_stop_signals(void)
     int i;
     for (i = 0; i < stop_count; i++)
         sigaction(stop_signals[i], &stop_saved[i], NULL);
+    if (stop_count)
+        sigaction(WAKE_SIGNAL, &wake_saved, NULL);
     stop_count = 0;
     stop_run = NULL;
 }
@@ -386,6 +408,16 @@ void pyl_request_stop(int signo)
         stop_run->immediate_exit = 1;
     if (stop_count && !pthread_equal(pthread_self(), stop_thread))
         pthread_kill(stop_thread, stop_signals[0]);
+}
+
+/* Bring the vCPU thread out of KVM_RUN (EINTR) without asking for a stop:
+ * the run loop then does what was asked of it (a pause) and runs on. */
+void pyl_wake_vcpu(void)
+{
+    if (stop_run)
+        stop_run->immediate_exit = 1;
+    if (stop_count && !pthread_equal(pthread_self(), stop_thread))
+        pthread_kill(stop_thread, WAKE_SIGNAL);
 }
 
 #include "run_fast.c"

@@ -9,6 +9,8 @@ and, as a session (agent=True), runs commands and copies files in it;
 `pylguest.plugin` gives pytest its `guest` fixtures.
 """
 
+__version__ = "0.1.0"              # pyproject.toml's; a snapshot records it
+
 __all__ = ["Guest", "GuestTimeout", "AgentError", "ChannelClosed", "CommandFailed"]
 
 

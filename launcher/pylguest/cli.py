@@ -5,7 +5,10 @@
                         [--block PATH[,ro][,direct]]... [--net tap:NAME|user]... [--rng]
                         [--share HOSTDIR[,tag=NAME][,ro][,at=PATH]]... [--root DIR|IMAGE[,rw]]
                         [--virtiofsd PATH] [--console stdio|socket:PATH] [--agent fd:N]
-                        [-- CMD [ARG...]]
+                        [--control PATH|fd:N] [-- CMD [ARG...]]
+    pylguest run --restore DIR [--disk-writes copy|image] [--timeout SECONDS] [--trace]
+                        [--agent fd:N] [--control PATH|fd:N]
+    pylguest snapshot CONTROL DIR
     pylguest info
 
 Exit status: the guest's own (LHCALL_SHUTDOWN: with `-- CMD`, the
@@ -97,7 +100,7 @@ def build_parser():
                "run CMD in the guest, its output on the console, and exit with its status. "
                "Every argument arrives byte for byte (it travels in the initrd, not on the "
                "kernel command line).")
-    run.add_argument("kernel", help="bzImage or ELF64 kernel")
+    run.add_argument("kernel", nargs="?", help="bzImage or ELF64 kernel")
     run.add_argument("--initrd", help="initial ramdisk (a cpio archive, compressed or not)")
     run.add_argument("--cmdline", help="words to add to the kernel command line; for Linux "
                      "they come after the launcher's defaults (console=ttyS0; quiet with a "
@@ -141,6 +144,20 @@ def build_parser():
     run.add_argument("--agent", metavar="fd:N",
                      help="the agent channel (docs/abi.md, section 8) on inherited unix socket N; "
                           "pylguest.Guest(agent=True) passes it")
+    run.add_argument("--control", metavar="PATH|fd:N",
+                     help="listen for snapshot requests on a unix socket at PATH (or on "
+                          "inherited socket N); `pylguest snapshot PATH DIR` sends one")
+    run.add_argument("--restore", metavar="DIR",
+                     help="start from a snapshot instead of booting: its memory, its "
+                          "devices and their options come from DIR")
+    run.add_argument("--disk-writes", choices=("copy", "image"), default="copy",
+                     help="with --restore: a read-write disk's writes go to a private copy "
+                          "made for this run (copy, the default) or to the image itself")
+    snapshot = commands.add_parser(
+        "snapshot", help="save a running guest (started with --control PATH) to DIR; "
+                         "the guest runs on")
+    snapshot.add_argument("control", metavar="CONTROL", help="the launcher's --control path")
+    snapshot.add_argument("directory", metavar="DIR", help="a new or empty directory")
     commands.add_parser("info", help="what this machine's KVM is and offers")
     return parser
 
@@ -154,16 +171,54 @@ def split_command(argv):
     return argv, None
 
 
+# What a restored run takes from its snapshot, and so may not be given.
+FROM_SNAPSHOT = ("kernel", "initrd", "cmdline", "block", "net", "rng", "share", "root",
+                 "virtiofsd", "console")
+
+
+def check_restore(args, command):
+    """A --restore run's options: the machine comes from the snapshot."""
+    if args.restore is None:
+        if args.kernel is None:
+            raise UsageError("pylguest run needs a KERNEL (or --restore DIR)")
+        if args.disk_writes != "copy":
+            raise UsageError("--disk-writes is for --restore")
+        return
+    given = [name for name in FROM_SNAPSHOT if getattr(args, name)]
+    if args.mem != "256M":
+        given.append("mem")
+    if args.decompress != "auto":
+        given.append("decompress")
+    if command is not None:
+        given.append("-- CMD")
+    if given:
+        what = ", ".join(n if n.startswith("-") or n == "kernel" else "--" + n for n in given)
+        raise UsageError(f"--restore takes the machine from the snapshot: {what} cannot be "
+                         "given with it")
+
+
+def command_snapshot(args):
+    from pylguest.control import request_snapshot
+    reply = request_snapshot(args.control, args.directory)
+    if not reply["ok"]:
+        say(f"pylguest: {reply.get('error')}")
+        return stop.EXIT_USAGE
+    say(f"pylguest: snapshot {reply.get('snapshot')}: taken in {reply.get('seconds')} s")
+    return 0
+
+
 def command_run(args, command=None):
     from pylguest.machine import Machine, MachineConfig
     from pylguest.hostconsole.terminal import RawTerminal
+    check_restore(args, command)
     config = MachineConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                            mem=parse_size(args.mem),
                            timeout=parse_timeout(args.timeout) if args.timeout is not None else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
                            block=args.block, net=args.net, rng=args.rng, console=args.console,
                            command=command, agent=args.agent, share=args.share,
-                           root=args.root, virtiofsd=args.virtiofsd)
+                           root=args.root, virtiofsd=args.virtiofsd, restore=args.restore,
+                           disk_writes=args.disk_writes, control=args.control)
     machine = Machine(config)
     try:
         with RawTerminal(0):
@@ -225,6 +280,8 @@ def _main(argv):
             return command_run(args, command)
         if command is not None:
             raise UsageError("only `pylguest run` takes a command after --")
+        if args.command == "snapshot":
+            return command_snapshot(args)
         return command_info(args)
     except (UsageError, BootError) as e:
         say(f"pylguest: {e}")

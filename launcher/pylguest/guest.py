@@ -149,24 +149,30 @@ class Guest:
         self._changed = threading.Condition()
         self.process = None
         self.session = None
+        self._control = None                # snapshot()'s socket, for a session
+        self.restored_from = None           # the snapshot directory, for a restore
 
     # -- starting and stopping ------------------------------------------------
 
     def start(self):
-        argv, theirs, pass_fds = list(self.argv), None, ()
+        argv, theirs = list(self.argv), []
         if self.agent:
-            ours, theirs = socket_pair()
-            argv += ["--agent", f"fd:{theirs.fileno()}"]
-            pass_fds = (theirs.fileno(),)
+            # The agent channel, and the control channel snapshot() asks on.
+            ours, agent_end = socket_pair()
+            self._control, control_end = socket_pair()
+            theirs = [agent_end, control_end]
+            argv += ["--agent", f"fd:{agent_end.fileno()}",
+                     "--control", f"fd:{control_end.fileno()}"]
         if self.command is not None:
             argv += ["--", *self.command]
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            env=self.env, pass_fds=pass_fds)
+                                            env=self.env,
+                                            pass_fds=[end.fileno() for end in theirs])
         finally:
-            if theirs is not None:
-                theirs.close()               # the launcher has its own copy now
+            for end in theirs:
+                end.close()                  # the launcher has its own copy now
         if self.agent:
             self.session = Session(ours, why_closed=self._why_stopped)
         self._readers = [
@@ -189,6 +195,8 @@ class Guest:
             return
         if self.session is not None:
             self.session.close()
+        if self._control is not None:
+            self._control.close()
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
@@ -394,6 +402,59 @@ class Guest:
             except OSError:
                 pass
             raise
+
+    # -- snapshots: boot once, restore many (snapshot/) ----------------------------
+
+    def snapshot(self, path, *, timeout=300.0):
+        """Save this running session guest to `path` (a new or empty
+        directory); it runs on.  Take it between commands: a command in
+        flight belongs to this guest's channel, and a restore would have
+        no one to answer.  Returns the launcher's answer (seconds,
+        memory_bytes); pylguest.errors.SnapshotError if it refused."""
+        from pylguest.control import ask
+        from pylguest.snapshot import SnapshotError
+        session = self._session()
+        if session.busy():
+            raise SnapshotError("snapshot: a command or copy is still running in the guest; "
+                                "take the snapshot between them")
+        self._control.settimeout(timeout)
+        reply = ask(self._control, path)
+        if not reply["ok"]:
+            raise SnapshotError(reply.get("error", "the launcher refused"))
+        return reply
+
+    @classmethod
+    def restore(cls, path, *, timeout=60.0, trace=False, disk_writes="copy", extra_args=(),
+                env=None, wrapper=(), sync_clock=True):
+        """A new guest started from the snapshot at `path` (Guest.snapshot,
+        `pylguest snapshot`), already started: a session whose agent is
+        ready.  Many may run at once; each writes only to its own memory
+        and (disk_writes="copy") its own copy of a read-write disk.  Its
+        wall clock is set from the host's (`sync_clock`): kvmclock goes on
+        from the snapshot's time, so without it the guest's date would be
+        as old as the snapshot (snapshot/restore.py)."""
+        guest = cls("", timeout=timeout, trace=trace, env=env, wrapper=wrapper, agent=True,
+                    extra_args=["--restore", os.fspath(path), "--disk-writes", disk_writes,
+                                *option_list(extra_args, "extra_args")])
+        kernel_at = guest.argv.index("run") + 1
+        del guest.argv[kernel_at]                      # the snapshot has the kernel
+        guest.restored_from = os.fspath(path)
+        guest.start()
+        try:
+            guest.wait_ready()
+            if sync_clock:
+                guest.set_clock()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+
+    def set_clock(self, when=None):
+        """Set the guest's wall clock to `when` (seconds since the epoch;
+        default: the host's now), to the second, with the guest's own
+        `date` (busybox's and coreutils' both take -s @SECONDS)."""
+        when = time.time() if when is None else when
+        self.succeed(["date", "-u", "-s", f"@{round(when)}"])
 
     @property
     def transcript(self):

@@ -11,6 +11,11 @@ hypervisor book:
   5. attach the devices: the 8250 UART and the i8042's reset line on the
      port bus, the hypercall page, the lguest bus and its virtio devices.
 
+A machine can also be built from a snapshot (snapshot/restore.py): steps
+1, 2, 4 and 5 as above, with the snapshot's memory mapped copy-on-write in
+step 2, and in place of step 3 the state it saved put back.  snapshot()
+saves a running machine, at a pause of its vCPU (snapshot/take.py).
+
 Running it is not this file's job: run_loop.py answers the vCPU's exits,
 and run_policy.py sets up what else may end a run (signals, --timeout,
 console input).  Machine.run() puts the two together.
@@ -20,6 +25,7 @@ a KVM that refuses) releases everything it had opened -- KVM, memory,
 threads, image locks -- before the error reaches the caller.
 """
 
+import os
 from typing import NamedTuple
 
 from pylguest import layout, stop
@@ -40,7 +46,7 @@ from pylguest.platform import i8042, uart
 from pylguest.platform.ports import PortBus
 from pylguest.report import GuestErrorLog, say
 from pylguest.run_loop import RunLoop
-from pylguest.run_policy import request_stop_of_vcpu, signal_stop, supervise
+from pylguest.run_policy import request_stop_of_vcpu, signal_stop, supervise, wake_vcpu
 from pylguest.trace import Tracer
 
 MiB = 1 << 20
@@ -73,6 +79,9 @@ class MachineConfig(NamedTuple):
     share: tuple = ()                  # "HOSTDIR[,tag=NAME][,ro][,at=PATH]" each
     root: str = None                   # "DIR|IMAGE[,rw]": the guest's root file system
     virtiofsd: str = None              # the virtiofsd to run (None: Debian's)
+    restore: str = None                # a snapshot directory to start from
+    disk_writes: str = "copy"          # a restore's disk writes: "copy" or "image"
+    control: str = None                # "fd:N" or a socket path: snapshot requests
 
 
 CONSOLE_FD = 1                         # guest console output goes to our stdout
@@ -84,8 +93,9 @@ class Machine:
         # Everything close() releases, None until it exists.
         self.kvm = self.console = self.guest_errors = None
         self.devices, self.socket_console, self.bus = [], None, None
-        self.agent_channel = None
+        self.agent_channel = self.control = None
         self.vm = self.memory = self.vcpu = None
+        self.restored_from = None
         try:
             self._build()
         except BaseException:
@@ -97,21 +107,16 @@ class Machine:
         # The one way a run is asked to end (stop.py): from any thread, or
         # from a stop signal, which the C handler records.
         self.stopping = stop.StopRequest(on_request=request_stop_of_vcpu,
-                                         signal_stop=signal_stop)
+                                         signal_stop=signal_stop, on_pause=wake_vcpu)
+        if config.restore is not None:
+            return self._build_restored()
         if not layout.MIN_MEM <= config.mem <= layout.MAX_MEM:
             raise UsageError(f"--mem {config.mem // MiB} MiB is outside "
                              f"{layout.MIN_MEM // MiB} MiB .. {layout.MAX_MEM // MiB} MiB")
         kernel_image = read_user_file(config.kernel, "kernel", limit=config.mem)
         initrd_image = (read_user_file(config.initrd, "initrd", limit=config.mem)
                         if config.initrd else None)
-        self.tracer = Tracer() if config.trace else None
-        self.kvm = Kvm()
-        self.kvm.require_capabilities()
-        self.kvm_kind = detect_kvm_kind()
-        self.console = ConsoleOutput(CONSOLE_FD, stopping=self.stopping)
-        # Guest errors are rate-limited; console output written before one
-        # is shown first (briefly: a stuck terminal must not stall us).
-        self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
+        self._start_kvm()
         (self.devices, self.socket_console, self.agent_channel,
          self.init_words) = create_devices(config, self.console)
         self.bus = LguestBus(self.devices, self.stopping)
@@ -120,8 +125,73 @@ class Machine:
         self._boot(kernel_image, initrd_image)
         self._create_vcpu()
         self._attach_devices()
+        self._finish()
+
+    def _finish(self):
         self.run_loop = RunLoop(self.vcpu, self.ports, self.hypercalls, self.stopping,
                                 self.tracer)
+        if self.config.control:
+            from pylguest.control import ControlChannel
+            self.control = ControlChannel(self.config.control, self)
+
+    def _start_kvm(self):
+        self.tracer = Tracer() if self.config.trace else None
+        self.kvm = Kvm()
+        self.kvm.require_capabilities()
+        self.kvm_kind = detect_kvm_kind()
+        self.console = ConsoleOutput(CONSOLE_FD, stopping=self.stopping)
+        # Guest errors are rate-limited; console output written before one
+        # is shown first (briefly: a stuck terminal must not stall us).
+        self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
+
+    # -- or all of it from a snapshot ---------------------------------------
+
+    def _build_restored(self):
+        """The machine a snapshot saved (snapshot/restore.py, steps 1-6),
+        every check done before the vCPU can run."""
+        from pylguest.snapshot import restore
+        config = self.config
+        snapshot = restore.load(config.restore)
+        self._start_kvm()
+        trace = self.tracer.event if self.tracer else None
+        if trace:
+            trace(f"restore: {config.restore}: manifest checked")
+        restore.check_host(snapshot, self.kvm, self.kvm_kind)
+        guest = snapshot.manifest["guest"]
+        copies = []
+        try:
+            devices = restore.device_config(snapshot, config.agent, config.disk_writes, copies)
+            self.config = config = config._replace(
+                kernel=guest["kernel"], mem=guest["mem"], **devices)
+            (self.devices, self.socket_console, self.agent_channel,
+             self.init_words) = create_devices(config, self.console)
+        finally:
+            for copy in copies:          # the devices hold them open: gone at exit
+                os.unlink(copy)
+        for device in self.devices:
+            if copies and getattr(device, "path", None) in copies:
+                device.snapshot_refusal = ("it writes to a private copy of its image, "
+                                           "which ends with this run")
+        self.bus = LguestBus(self.devices, self.stopping)
+        self._create_vm()
+        self._create_memory(lambda regions, ram_top: restore.check_memory(
+            snapshot, regions, ram_top), snapshot.memory_path)
+        if trace:
+            trace(f"restore: memory {self.memory.size >> 20} MiB mapped copy-on-write from "
+                  f"{snapshot.memory_path}")
+        self.kernel = restore.SavedKernel(guest["kind"], guest["linux"])
+        self.cmdline = None
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(guest_cpuid(self.kvm, self.kvm_kind))
+        self._attach_devices(snapshot)
+        restore.restore_kvm(snapshot, self.kvm, self.vm, self.vcpu, trace)
+        self.uart.restore_state(snapshot.manifest["uart"])
+        self.console.write(bytes.fromhex(snapshot.manifest["console_output"]))
+        self.bus.start()
+        self.bus.serve_all()
+        self._start_backends(bytes.fromhex(snapshot.manifest["agent_greeting"]))
+        self.restored_from = config.restore
+        self._finish()
 
     # -- 1 and 2: the VM and its memory ------------------------------------
 
@@ -130,17 +200,22 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit()
 
-    def _create_memory(self):
+    def _create_memory(self, check=None, private_file=None):
+        """Guest memory for --mem and the device area: fresh, or (restoring)
+        `private_file` mapped copy-on-write, once check(regions, ram_top)
+        has found the plan to be the snapshot's."""
         self.device_area_size = self.bus.area_size   # the device page, then the vrings
         self.regions = plan_regions(self.config.mem, self.device_area_size,
                                     layout.LOW_RAM_LIMIT, layout.HIGH_RAM_BASE)
-        self.memory = GuestMemory(self.regions)
+        self.ram_top = self.regions[-1].end - self.device_area_size
+        self.low_ram_top = min(self.ram_top, layout.LOW_RAM_LIMIT)
+        if check is not None:
+            check(self.regions, self.ram_top)
+        self.memory = GuestMemory(self.regions, private_file)
         for slot, region in enumerate(self.regions):
             self.vm.set_memory_region(slot, region.gpa, region.size,
                                       self.memory.host_address + region.host_offset)
         self.e820 = build_e820(self.regions, self.device_area_size)
-        self.ram_top = self.regions[-1].end - self.device_area_size
-        self.low_ram_top = min(self.ram_top, layout.LOW_RAM_LIMIT)
 
     # -- 3: the kernel, its initrd, and the boot setup ----------------------
 
@@ -206,7 +281,7 @@ class Machine:
 
     # -- 5: the devices we emulate --------------------------------------------
 
-    def _attach_devices(self):
+    def _attach_devices(self, snapshot=None):
         self.uart = uart.Uart8250(lambda level: self.vm.irq_line(uart.COM1_IRQ, level),
                                   self.console)
         self.ports = PortBus()
@@ -217,14 +292,27 @@ class Machine:
                             i8042.REGISTER_NAMES)
         self.hypercalls = HypercallPage(self.memory, self.ram_top, self.console,
                                         self.report_guest_error, self._panic_message)
+        trace = self.tracer.line if self.tracer else None
         self.bus.install(self.memory, self.ram_top, self.vm, self.hypercalls,
-                         self.report_guest_error, self.tracer.line if self.tracer else None)
+                         self.report_guest_error, trace, fresh=snapshot is None)
+        if snapshot is not None:
+            from pylguest.snapshot.restore import restore_devices
+            restore_devices(snapshot, self.bus, trace)
         consoles = [d for d in self.devices if isinstance(d, ConsoleDevice)]
         self.virtio_console = next((d for d in consoles if d.name == "console0"), None)
+        if snapshot is None:
+            self._start_backends()
+
+    def _start_backends(self, greeting=b""):
+        """Let the outside world in: from now on input reaches devices, and
+        they may interrupt the guest (a restore first puts back the
+        interrupt controllers, which would forget an interrupt raised
+        before)."""
         if self.socket_console:
             self.socket_console.start(self.virtio_console.receive)
         if self.agent_channel:
-            self.agent_channel.start(next(d for d in consoles if d.name == "agent0"))
+            agent = next(d for d in self.devices if d.name == "agent0")
+            self.agent_channel.start(agent, greeting)
 
     def console_input(self, data):
         """Keyboard input goes to the virtio console once the guest's driver
@@ -249,11 +337,48 @@ class Machine:
         """Stop the run from any thread (a timer, the input thread, the API)."""
         self.stopping.request(reason)
 
+    # -- snapshots ----------------------------------------------------------------
+
+    SNAPSHOT_TIMEOUT = 120.0       # seconds a snapshot request waits for the vCPU
+
+    def snapshot(self, directory):
+        """Save the running machine to `directory` (from any thread but the
+        vCPU's): the vCPU pauses, the snapshot is taken on its thread at a
+        quiet point (snapshot/take.py), and the guest runs on.  Returns
+        the manifest; SnapshotError if it cannot be taken."""
+        import threading
+        from pylguest.snapshot import SnapshotError, take
+        why = take.refusals(self.devices)
+        if why:
+            raise SnapshotError(why)
+        take.prepare(directory)
+        done, outcome = threading.Event(), {}
+
+        def action():
+            try:
+                outcome["manifest"] = take.take(self, directory, self.tracer.event
+                                                if self.tracer else None)
+            except BaseException as e:          # handed to the asking thread
+                outcome["error"] = e
+            finally:
+                done.set()
+        self.stopping.pause(action)
+        if not done.wait(self.SNAPSHOT_TIMEOUT) or self.stopping.pending():
+            if not done.is_set():
+                raise SnapshotError(f"snapshot {directory}: the guest stopped, or its vCPU "
+                                    f"did not pause within {self.SNAPSHOT_TIMEOUT:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["manifest"]
+
     def run(self):
         """Run the guest until it stops; return a stop.Stop."""
-        if self.kernel.linux and self.kvm_kind.emulating:
+        if self.kernel.linux and self.kvm_kind.emulating and not self.restored_from:
             say(EMULATING_KVM_NOTICE.format(module=self.kvm_kind.module))
-        if self.tracer:
+        if self.tracer and self.restored_from:
+            self.tracer.event(f"start: restored from {self.restored_from} "
+                              f"({self.kernel.kind}), KVM {self.kvm_kind.kind}")
+        elif self.tracer:
             self.tracer.event(f"start: {self.kernel.kind}, entry 0x{self.kernel.entry:x}, "
                               f"KVM {self.kvm_kind.kind}")
         result = supervise(self.run_loop.run, self.vcpu.kvm_run, self.stopping,
@@ -279,7 +404,7 @@ class Machine:
             for device in self.devices:
                 device.close()
         self.bus, self.devices = None, []
-        for backend in ("socket_console", "agent_channel"):
+        for backend in ("control", "socket_console", "agent_channel"):
             if getattr(self, backend):
                 getattr(self, backend).close()
                 setattr(self, backend, None)

@@ -18,6 +18,12 @@ same way (`_offset`, lguest's check_pointer): the whole range
 wraparound, or GuestMemoryError is raised.  Checking only the first byte
 is the classic hole; we check the last one too.
 
+A restored guest (snapshot/) maps its snapshot's memory file instead,
+privately (MAP_PRIVATE): every restore of one snapshot shares the file's
+pages in the host's page cache, and a page a guest writes becomes that
+guest's own copy.  Such a memory has no fd to hand a daemon, which is
+one reason a guest with virtio-fs is never snapshotted.
+
 Device code gets numpy views (`array(gpa, dtype, count)`) over the same
 bytes, so rings and buffers are read and written in place, without copies.
 numpy is imported on the first such view, not before: the loaders and the
@@ -68,19 +74,36 @@ def plan_regions(ram_size, extra_size, low_limit=3 * GiB, high_base=4 * GiB):
 class GuestMemory:
     """The guest's physical memory, as the launcher sees it."""
 
-    def __init__(self, regions):
+    def __init__(self, regions, private_file=None):
+        """Fresh, zeroed memory for `regions`; or, with `private_file` (a
+        snapshot's memory file, exactly the regions' size), that file's
+        contents mapped copy-on-write."""
         self.regions = tuple(regions)
         self.size = sum(r.size for r in self.regions)
-        # A memfd: see the module docstring.  MAP_NORESERVE: a 4 GiB guest
-        # that touches 100 MiB costs 100 MiB.
-        self.fd = os.memfd_create("pylguest-guest-memory", os.MFD_CLOEXEC)
+        self.private = private_file is not None
+        # MAP_NORESERVE: a 4 GiB guest that touches 100 MiB costs 100 MiB.
+        flags = getattr(mmap, "MAP_NORESERVE", 0)
+        if self.private:
+            fd = os.open(private_file, os.O_RDONLY | os.O_CLOEXEC)
+            flags |= mmap.MAP_PRIVATE
+        else:
+            # A memfd: see the module docstring.
+            fd = os.memfd_create("pylguest-guest-memory", os.MFD_CLOEXEC)
+            flags |= mmap.MAP_SHARED
         try:
-            os.ftruncate(self.fd, self.size)
-            self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED
-                                  | getattr(mmap, "MAP_NORESERVE", 0))
+            if self.private:
+                if os.fstat(fd).st_size != self.size:
+                    raise GuestMemoryError(f"{private_file} is not {self.size} bytes")
+            else:
+                os.ftruncate(fd, self.size)
+            self._map = mmap.mmap(fd, self.size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
+        if self.private:
+            os.close(fd)                # the mapping holds the file
+            fd = -1
+        self.fd = fd                    # the memfd, for a vhost-user daemon; -1 if private
         self._bytes = None              # the numpy uint8 array, on first use
         address = ffi.from_buffer(self._map)
         self.host_address = int(ffi.cast("uintptr_t", address))
@@ -155,6 +178,34 @@ class GuestMemory:
 
     def write_int(self, gpa, size, value):
         self.write(gpa, value.to_bytes(size, "little"))
+
+    def data_pieces(self, size=1 << 20):
+        """(offset, bytes) for every piece of at most `size` bytes (a
+        multiple of PAGE_SIZE) that may hold something other than zeroes,
+        in order: what a snapshot saves.  A memfd's holes (pages the guest
+        never touched) are skipped without being read, so the guest's
+        memory does not grow by being saved."""
+        for start, end in self._data_extents():
+            for offset in range(start, end, size):
+                length = min(size, end - offset)
+                if self.fd >= 0:
+                    yield offset, os.pread(self.fd, length, offset)
+                else:
+                    yield offset, self._map[offset:offset + length]
+
+    def _data_extents(self):
+        if self.fd < 0:
+            yield 0, self.size
+            return
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError:             # ENXIO: no data after offset
+                return
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            yield start, end
+            offset = end
 
     def read_cstring(self, gpa, limit):
         """A NUL-terminated string at gpa, at most `limit` bytes, never

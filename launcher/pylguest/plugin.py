@@ -29,6 +29,15 @@ item.  Several kernels: `pylguest_kernels` lines of NAME=KERNEL[,INITRD]
 parametrize every test that boots a guest, with NAME as its test id (the
 shared guests boot the default kernel).
 
+Boot once, restore many: with `--pylguest-snapshots` (or the ini key
+`pylguest_snapshots = true`) the first `guest` of each configuration in a
+run (per xdist worker) boots, is snapshotted, and is stopped; that test
+and every later one with the same options gets a fresh restore of the
+snapshot (pylguest.Guest.restore): milliseconds of the host's work instead
+of a boot, and still a guest no other test touched.  A test that needs a
+cold boot says `@pytest.mark.pylguest(cold=True)`; guests with shares
+(virtio-fs cannot be snapshotted) always boot.
+
 On failure the report shows each guest's console tail and the test's
 commands (argv, status, duration, output tails); the full console log and
 transcript are written beside the test's tmp_path and named in the report.
@@ -66,6 +75,11 @@ def pytest_addoption(parser):
     group.addoption("--pylguest-root", metavar="DIR|IMAGE[,rw]",
                     help="the guests' root file system (pylguest run --root), e.g. /")
     group.addoption("--pylguest-boot-timeout", help="seconds to wait for a guest to boot")
+    group.addoption("--pylguest-snapshots", action="store_true", default=None,
+                    help="boot each guest configuration once, snapshot it, and give every "
+                         "test a fresh restore of it")
+    parser.addini("pylguest_snapshots", "pylguest: boot once and restore a snapshot for "
+                  "each guest (true/false)", type="bool", default=False)
     for name in OPTIONS:
         parser.addini(f"pylguest_{name}", f"pylguest: default {name.replace('_', ' ')}")
     parser.addini("pylguest_kernels", "pylguest: NAME=KERNEL[,INITRD] lines; each test "
@@ -77,7 +91,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "pylguest(**options): options for this test's guests (kernel, initrd, mem, "
                    "cmdline, disks, net, share, root, rng, timeout, boot_timeout, "
-                   "extra_args)")
+                   "extra_args, cold)")
 
 
 def _setting(config, name):
@@ -156,21 +170,50 @@ def pylguest_kernel(request, _pylguest_default_kernel):
     return getattr(request, "param", None) or _pylguest_default_kernel
 
 
+def snapshots_wanted(config):
+    option = config.getoption("--pylguest-snapshots", None)
+    return bool(option) if option is not None else bool(config.getini("pylguest_snapshots"))
+
+
+class SnapshotCache:
+    """The snapshots of one run (one xdist worker): a booted guest's,
+    per configuration, made on first use in the run's temporary directory."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.made = {}                  # configuration -> snapshot directory
+
+    def snapshot_for(self, key, boot):
+        """The snapshot of the guest boot() starts (made on first use)."""
+        if key not in self.made:
+            path = self.directory / f"snapshot{len(self.made)}"
+            first = boot()
+            try:
+                first.snapshot(path)
+            finally:
+                first.close()
+            self.made[key] = path
+        return self.made[key]
+
+
 class GuestFactory:
     """Boots session guests with per-guest options; closes them all."""
 
-    def __init__(self, config, spec, marker_options):
+    def __init__(self, config, spec, marker_options, snapshots=None):
         self.config, self.spec = config, spec
         self.marker_options = marker_options
+        self.snapshots = snapshots      # a SnapshotCache in snapshot mode, else None
         self.guests = []
 
     def __call__(self, *, kernel=None, initrd=None, mem=None, cmdline=None, disks=(), net=(),
                  share=(), root=None, rng=False, timeout=None, boot_timeout=None,
-                 extra_args=()):
+                 extra_args=(), cold=None):
         """Boot one more guest and wait until its agent answers.  What is
         given here wins over the marker's keywords, which win over the
         options and ini keys; disks, net, share and extra_args add to the
-        marker's.  Where a list is taken, one str is one item."""
+        marker's.  Where a list is taken, one str is one item.  In
+        snapshot mode the guest is a restore, unless cold=True (here or in
+        the marker) or it has a share."""
         from pylguest.errors import UsageError
         from pylguest.guest import Guest, option_list
         options = dict(self.marker_options)
@@ -193,6 +236,7 @@ class GuestFactory:
         boot_timeout = _seconds(options.get("boot_timeout")
                                 or _setting(self.config, "boot_timeout") or BOOT_TIMEOUT,
                                 "boot timeout")
+        timeout = _seconds(options.get("timeout", RUN_TIMEOUT), "timeout")
         try:
             args = both("extra_args", extra_args)
             for disk in both("disks", disks):
@@ -202,13 +246,34 @@ class GuestFactory:
             guest = Guest(kernel, initrd=initrd,
                           mem=options.get("mem") or _setting(self.config, "mem"),
                           cmdline=options.get("cmdline") or _setting(self.config, "cmdline"),
-                          timeout=_seconds(options.get("timeout", RUN_TIMEOUT), "timeout"),
+                          timeout=timeout,
                           share=both("share", share), net=both("net", net),
                           root=options.get("root") or _setting(self.config, "root"),
                           extra_args=args, agent=True)
         except (UsageError, TypeError) as e:
             # A bad share, root or net, found by the launcher's own parsers.
             pytest.fail(f"pylguest: {e}", pytrace=False)
+        cold = options.get("cold") if cold is None else cold
+        if self.snapshots is not None and not cold and "--share" not in guest.argv \
+                and not _root_is_directory(guest.argv):
+            return self._restored(guest, timeout, boot_timeout)
+        return self._boot(guest, boot_timeout)
+
+    def _restored(self, booted, timeout, boot_timeout):
+        """A restore of the snapshot of guests like `booted` (not started)."""
+        from pylguest.guest import Guest
+        path = self.snapshots.snapshot_for(tuple(booted.argv),
+                                           lambda: self._boot(booted, boot_timeout))
+        if booted in self.guests:
+            self.guests.remove(booted)          # the snapshot's own guest: closed by now
+        try:
+            guest = Guest.restore(path, timeout=timeout)
+        except Exception as e:
+            raise BootFailed(f"the guest's restore from {path} failed: {e}") from None
+        self.guests.append(guest)
+        return guest
+
+    def _boot(self, guest, boot_timeout):
         self.guests.append(guest)
         guest.start()
         try:
@@ -224,12 +289,19 @@ class GuestFactory:
             guest.close()
 
 
+def _root_is_directory(argv):
+    """A --root that is a directory is a virtio-fs share too."""
+    if "--root" not in argv:
+        return False
+    return os.path.isdir(argv[argv.index("--root") + 1].split(",")[0])
+
+
 class BootFailed(Exception):
     """A guest fixture's guest did not come up."""
 
 
 MARKER_KEYWORDS = {"kernel", "initrd", "mem", "cmdline", "disks", "net", "share", "root", "rng",
-                   "timeout", "boot_timeout", "extra_args"}
+                   "timeout", "boot_timeout", "extra_args", "cold"}
 
 
 def _marker_options(request):
@@ -245,11 +317,20 @@ def _marker_options(request):
     return options
 
 
+@pytest.fixture(scope="session")
+def _pylguest_snapshots(pytestconfig, tmp_path_factory):
+    """The run's SnapshotCache in snapshot mode, else None."""
+    if not snapshots_wanted(pytestconfig):
+        return None
+    return SnapshotCache(tmp_path_factory.mktemp("pylguest-snapshots"))
+
+
 @pytest.fixture
-def guest_factory(request, pylguest_kernel, tmp_path):
+def guest_factory(request, pylguest_kernel, tmp_path, _pylguest_snapshots):
     """Call it to boot guests, each with its own options.  (tmp_path: a
     failed test's logs are written there.)"""
-    factory = GuestFactory(request.config, pylguest_kernel, _marker_options(request))
+    factory = GuestFactory(request.config, pylguest_kernel, _marker_options(request),
+                           _pylguest_snapshots)
     yield factory
     factory.close()
 

@@ -95,7 +95,10 @@ class RunLoop:
             reason = run()
             counts[reason] = counts.get(reason, 0) + 1
             if reason is None:
-                result = self.stopping.pending()     # EINTR: a stop, or nothing
+                # EINTR: a pause (the vCPU is out of the guest: a snapshot
+                # may be taken now), a stop, or nothing.
+                self.stopping.run_pauses()
+                result = self.stopping.pending()
             else:
                 handler = handlers.get(reason)
                 result = handler() if handler else self._exit_unknown(reason)

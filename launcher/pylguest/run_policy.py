@@ -37,6 +37,11 @@ def request_stop_of_vcpu() -> None:
     lib.pyl_request_stop(0)
 
 
+def wake_vcpu() -> None:
+    """StopRequest's on_pause: bring the vCPU out of KVM_RUN, no stop."""
+    lib.pyl_wake_vcpu()
+
+
 def supervise(run: Callable[[], Stop], kvm_run, stopping: stop.StopRequest, *,
               timeout: Optional[float] = None, input_fd: Optional[int] = None,
               on_input: Optional[Callable[[bytes], None]] = None,

@@ -10,8 +10,9 @@ knows: 124 for a timeout (as timeout(1)), 128+N for signal N.
 """
 
 import re
+import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 EXIT_OK = 0
 EXIT_LAUNCHER_ERROR = 1        # KVM refused something, an unhandled exit
@@ -114,10 +115,13 @@ def launcher_error(message):
 class StopRequest:
     SLICE = 0.05                   # seconds: the longest a stop waits for a wait
 
-    def __init__(self, on_request=None, signal_stop=None):
+    def __init__(self, on_request=None, signal_stop=None, on_pause=None):
         self._stop = None
         self._on_request = on_request      # () -> None: wake the vCPU thread
         self._signal_stop = signal_stop    # () -> Stop or None: a stop signal seen
+        self._on_pause = on_pause          # () -> None: wake it without a stop
+        self._pauses = []                  # actions for the vCPU thread, oldest first
+        self._pauses_lock = threading.Lock()
 
     def request(self, stop: Stop) -> None:
         """End the run with `stop`, from any thread (the first request wins)."""
@@ -125,6 +129,25 @@ class StopRequest:
             self._stop = stop
         if self._on_request is not None:
             self._on_request()
+
+    def pause(self, action: Callable[[], None]) -> None:
+        """Have the vCPU thread call action() out of KVM_RUN, then run on:
+        a pause, not a stop (a snapshot is taken this way, machine.py).
+        From any thread; the run loop calls run_pauses() when KVM_RUN
+        returns EINTR."""
+        with self._pauses_lock:
+            self._pauses.append(action)
+        if self._on_pause is not None:
+            self._on_pause()
+
+    def run_pauses(self) -> None:
+        """On the vCPU thread, stopped: the actions pause() was given."""
+        while True:
+            with self._pauses_lock:
+                if not self._pauses:
+                    return
+                action = self._pauses.pop(0)
+            action()
 
     def clear(self):
         """Forget a stop that was handled without ending the machine: a

@@ -278,6 +278,11 @@ class Session:
 
     # -- requests -------------------------------------------------------------------
 
+    def busy(self):
+        """True while a request (a command, a copy) is open."""
+        with self._changed:
+            return bool(self._requests)
+
     def wait_ready(self, timeout):
         """Wait for the agent's HELLO; ChannelClosed or AgentError if it
         does not come."""

@@ -132,6 +132,26 @@ class AgentPortDevice(ConsoleDevice):
                                queue=label)
         self.control_out.append(message)
 
+    def save_extra(self):
+        return {**super().save_extra(), "guest_open": self.guest_open,
+                "control_out": [m.hex() for m in self.control_out]}
+
+    def restore_extra(self, extra):
+        from pylguest.snapshot import SnapshotError
+        extra = dict(extra)
+        guest_open, control = extra.pop("guest_open", None), extra.pop("control_out", None)
+        if not isinstance(guest_open, bool) or not isinstance(control, list) \
+                or len(control) > CONTROL_LIMIT:
+            raise SnapshotError(f"{self.name}: guest_open or control_out is missing or bad")
+        try:
+            messages = [bytes.fromhex(m) for m in control if len(m) <= 512]
+        except (TypeError, ValueError):
+            messages = None
+        if messages is None or len(messages) != len(control):
+            raise SnapshotError(f"{self.name}: control_out holds something not a message")
+        super().restore_extra(extra)
+        self.guest_open, self.control_out = guest_open, messages
+
     def reset(self):
         super().reset()
         self.control_out = []

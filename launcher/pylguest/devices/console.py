@@ -82,5 +82,20 @@ class ConsoleDevice(VirtioDevice):
             self.dropped += max(0, len(data) - room)
         self.service(RECEIVEQ)
 
+    def save_extra(self):
+        return {"pending": bytes(self.pending).hex()}
+
+    def restore_extra(self, extra):
+        from pylguest.snapshot import SnapshotError
+        pending = extra.get("pending")
+        if set(extra) != {"pending"} or not isinstance(pending, str) \
+                or len(pending) > 2 * PENDING_LIMIT:
+            raise SnapshotError(f"{self.name}: pending input is not hex of at most "
+                                f"{PENDING_LIMIT} bytes")
+        try:
+            self.pending = bytearray.fromhex(pending)
+        except ValueError:
+            raise SnapshotError(f"{self.name}: pending input is not hex") from None
+
     # reset() keeps `pending`: the seed driver resets every device when it
     # first probes it, and what the user typed before that is still theirs.

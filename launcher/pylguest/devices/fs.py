@@ -165,6 +165,11 @@ class FsDevice(VirtioDevice):
     queue_names = ("hiprio", "requests")
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     hands_off_queues = True          # the bus gives us eventfds, not workers
+    # virtiofsd holds the guest's open files and the inode numbers it was
+    # told, and no daemon can hand those over: a snapshot would restore a
+    # guest whose file handles name nothing (docs/abi.md section 11).
+    snapshot_refusal = ("virtio-fs keeps the guest's open files and inode numbers in "
+                        "virtiofsd, which cannot save them")
 
     def __init__(self, name, share, virtiofsd=None, timeout=5.0):
         super().__init__(name)

@@ -19,6 +19,13 @@ direction, or the two ends would disagree about where a frame starts:
     abandon flag is checked (a reset or the end of the run must not wait
     for a test that stopped reading).  Once the other end has gone, what
     the agent sends is dropped, with one line saying so; the guest runs on.
+
+The one thing the relay knows of the protocol is where the agent's first
+frame ends (its HELLO: a frame's first four bytes are its payload's
+length).  It keeps that frame, `greeting`, for a snapshot: a restored
+guest's agent said HELLO long ago, to another channel, so the restored
+launcher says it again on the agent's behalf (start(greeting=...)), and
+the new channel's test sees a session like any other.
 """
 
 import errno
@@ -32,6 +39,8 @@ from pylguest.errors import UsageError
 from pylguest.report import say
 
 READ_SIZE = 65536
+FRAME_HEADER = 12               # u32 length, u32 id, u16 type, u16 reserved
+GREETING_LIMIT = 4096           # a first frame longer than this is not kept
 WAIT_STEP = 0.1                 # seconds a blocked write waits between abandon checks
 
 
@@ -62,16 +71,22 @@ class AgentChannel:
         os.set_inheritable(fd, False)
         self.device = None
         self.gone = False                  # the other end closed: drop the guest's bytes
+        self.greeting = b""                # the agent's first frame, once it is whole
+        self._first = bytearray()          # ... while it is coming
         self._room = threading.Event()     # set when the device may have room for input
         self._stopping = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._to_guest, daemon=True,
                                        name="pylguest agent channel")
 
-    def start(self, device):
-        """Relay for `device` (a ConsoleDevice whose output is write())."""
+    def start(self, device, greeting=b""):
+        """Relay for `device` (a ConsoleDevice whose output is write());
+        a restored machine's relay first sends its agent's `greeting`."""
         self.device = device
         device.on_room = self._room.set
+        if greeting:
+            self.greeting = greeting
+            self._send(greeting)
         self.thread.start()
 
     # -- from the guest ---------------------------------------------------------
@@ -79,6 +94,21 @@ class AgentChannel:
     def write(self, data):
         """The agent's bytes, all of them, to the socket (the device's
         transmit path: check_abandoned() may raise between waits)."""
+        if not self.greeting and self._first is not None:
+            self._keep_greeting(data)
+        self._send(data)
+
+    def _keep_greeting(self, data):
+        self._first += data[:GREETING_LIMIT - len(self._first)]
+        if len(self._first) < FRAME_HEADER:
+            return
+        whole = FRAME_HEADER + int.from_bytes(self._first[:4], "little")
+        if whole > GREETING_LIMIT:
+            self._first = None                 # not a greeting we keep
+        elif len(self._first) >= whole:
+            self.greeting, self._first = bytes(self._first[:whole]), None
+
+    def _send(self, data):
         view = memoryview(data)
         while view and not self.gone:
             try:

@@ -98,6 +98,12 @@ class ConsoleOutput:
             self._more.notify_all()
             return self.stopping.wait(self._more, lambda: self._done >= target, timeout)
 
+    def unwritten(self) -> bytes:
+        """What was given to us and is not written out yet (a snapshot
+        keeps it, for the restored guest's console)."""
+        with self._more:
+            return bytes(self._buffer)
+
     def tail(self) -> bytes:
         """The most recent output (up to TAIL_SIZE bytes), written out or
         not: what a kernel said just before it stopped, for the stop's reason."""

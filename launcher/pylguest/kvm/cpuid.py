@@ -12,6 +12,15 @@ LEAF1_ECX_CX16 = 1 << 13
 LEAF1_ECX_HYPERVISOR = 1 << 31
 
 
+# Leaf 1, EBX bits 31-24: the initial APIC ID; leaves 0xB and 0x1F, EDX:
+# the x2APIC ID.  KVM fills them in with the ID of the host CPU that asked,
+# which is no fact about the guest (and changes from run to run, as the
+# scheduler moves us): the guest's one vCPU is APIC ID 0, as kvmtool and
+# QEMU say.  A snapshot compares CPUID, so it must not change by itself.
+LEAF1_EBX_APIC_ID = 0xFF << 24
+X2APIC_LEAVES = (0xB, 0x1F)
+
+
 def guest_cpuid(kvm, kvm_kind):
     """A `struct kvm_cpuid2 *` ready for KVM_SET_CPUID2."""
     cpuid = kvm.supported_cpuid()
@@ -19,6 +28,9 @@ def guest_cpuid(kvm, kvm_kind):
         entry = cpuid.entries[i]
         if entry.function == 1:
             entry.ecx |= LEAF1_ECX_HYPERVISOR
+            entry.ebx &= ~LEAF1_EBX_APIC_ID & 0xFFFFFFFF
             if kvm_kind.emulating:
                 entry.ecx &= ~LEAF1_ECX_CX16 & 0xFFFFFFFF
+        elif entry.function in X2APIC_LEAVES:
+            entry.edx = 0
     return cpuid

@@ -125,3 +125,15 @@ def write_msrs(vcpu_fd, values):
         if ioctl(vcpu_fd, "KVM_SET_MSRS", msrs) != 1:
             refused.append(index)
     return refused
+
+
+def size_of(piece):
+    """The size of the piece's blob on this host's KVM, in bytes."""
+    return ffi.sizeof(piece.ctype)
+
+
+def from_bytes(piece, data):
+    """A blob for write(), holding `data` (exactly size_of(piece) bytes)."""
+    blob = ffi.new(piece.ctype + " *")
+    ffi.buffer(blob)[:] = data
+    return blob

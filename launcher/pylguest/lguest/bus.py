@@ -119,24 +119,42 @@ class LguestBus:
 
     def install(self, memory: GuestMemory, ram_top: int, vm: EventfdRouter,
                 hypercalls: NotifyTargets, report: Callable[[str], None],
-                trace: Optional[Callable[[str], None]] = None) -> None:
+                trace: Optional[Callable[[str], None]] = None, fresh: bool = True) -> None:
         """Write the page at `ram_top` and wire every device: its irqfd and
         ioeventfds on `vm`, its status address on the hypercall page, its
-        queue workers; then start them."""
+        queue workers; then start them.  A restored machine (fresh=False)
+        has its page in the memory it restored: nothing is written, and
+        start() is left to the caller, once the devices have their state."""
         self.memory = memory
         self.ram_top = ram_top
         self.report = report
         self.trace = trace
-        self.memory.zero(self.ram_top, PAGE_SIZE)
+        if fresh:
+            self.memory.zero(self.ram_top, PAGE_SIZE)
         for device, slot in zip(self.devices, self.plan(self.ram_top)):
             entry = BusDevice(device, slot)
             self.entries.append(entry)
-            self.memory.write(self.ram_top + slot.offset, device_page.encode(slot, device.config_space()))
+            if fresh:
+                self.memory.write(self.ram_top + slot.offset,
+                                  device_page.encode(slot, device.config_space()))
             self._wire(vm, hypercalls, entry)
+        if fresh:
+            self.start()
+
+    def start(self):
+        """Start every queue worker and device thread."""
         for entry in self.entries:
             for worker in entry.workers:
                 worker.start()
             entry.device.start()
+
+    def serve_all(self):
+        """Serve every queue once, as if each had been kicked: a restored
+        device may have requests its guest kicked for just before the
+        snapshot, and that guest will not kick for them again."""
+        for entry in self.entries:
+            for index in range(len(entry.slot.vqs)):
+                entry.device.service(index)
 
     def _wire(self, vm, hypercalls, entry):
         device, slot = entry.device, entry.slot

@@ -289,6 +289,30 @@ class Uart8250:
             self.rx.clear()
         self.fcr = value & (FCR_ENABLE_FIFO | FCR_TRIGGER_MASK)
 
+    # -- snapshots --------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """The registers, the receive FIFO and the line level, for a
+        snapshot (snapshot/manifest.py's `uart`)."""
+        with self._lock:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "fcr": self.fcr,
+                    "scr": self.scr, "divisor": self.divisor, "line_errors": self.line_errors,
+                    "thr_interrupt": self.thr_interrupt, "line": self._line,
+                    "rx": bytes(self.rx).hex()}
+
+    def restore_state(self, saved: dict) -> None:
+        """Take back save_state()'s values (checked by the manifest's
+        reader).  The line level is our record of what KVM's interrupt
+        controller was last told, which the controller's restored state
+        already holds: it is set here, not driven again."""
+        with self._lock:
+            for name in ("ier", "lcr", "mcr", "fcr", "scr", "divisor", "line_errors",
+                         "thr_interrupt"):
+                setattr(self, name, saved[name])
+            self._line = saved["line"]
+            self.rx = collections.deque(bytes.fromhex(saved["rx"])[:RX_QUEUE_LIMIT])
+            self._publish()
+
     def _publish(self):
         """Tell the fast path what it may answer now (holding `_lock`)."""
         if self._fast is not None:

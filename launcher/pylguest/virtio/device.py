@@ -226,6 +226,48 @@ class VirtioDevice(abc.ABC):
         self.broken = message
         self.report(f"{message}: device {self.name} marked broken until the guest resets it")
 
+    # -- snapshots (snapshot/take.py and restore.py) --------------------------
+
+    # Why this device cannot be saved, or None: a device whose state lives
+    # in a daemon says so (devices/fs.py).
+    snapshot_refusal = None
+
+    def save_state(self) -> dict:
+        """What a snapshot keeps of the device, at a quiet point (its lock
+        held, nothing in flight): the manifest's `devices` entry."""
+        return {"name": self.name, "type": self.type, "state": self.state.value,
+                "broken": self.broken, "features": self.guest_features,
+                "queues": [vq.position() for vq in self.queues],
+                "extra": self.save_extra()}
+
+    def save_extra(self) -> dict:
+        """A device's own state beyond its queues (pending input...)."""
+        return {}
+
+    def restore_state(self, saved: dict, rings) -> None:
+        """Be the device `saved` describes, on `rings` ([(num, pfn), ...],
+        the bus's plan, which the caller checked `saved` against, with
+        its features against the offered ones).  The lock is held
+        throughout, so no thread of the device sees a ring before its
+        positions are set."""
+        with self.lock:
+            self.restore_extra(saved["extra"])
+            if saved["queues"]:
+                self.activate(saved["features"], rings)
+                for vq, position in zip(self.queues, saved["queues"]):
+                    vq.set_position(position)
+            if saved["state"] == "broken":
+                self.state, self.broken = DeviceState.BROKEN, saved["broken"] or "broken"
+            elif saved["state"] == "reset" and self.queues:
+                self.reset()
+
+    def restore_extra(self, extra: dict) -> None:
+        """Take back save_extra()'s fields; a bad one is a SnapshotError
+        (snapshot/__init__.py), since a manifest is the user's input."""
+        if extra:
+            from pylguest.snapshot import SnapshotError
+            raise SnapshotError(f"{self.name}: unknown device state {', '.join(extra)}")
+
     def start(self):
         """Start the device's own threads, if it has any (the bus calls this
         once it has wired the device)."""

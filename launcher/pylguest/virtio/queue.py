@@ -235,6 +235,21 @@ class Virtqueue:
     _signalled_used = property(lambda self: self.c.signalled_used,
                                lambda self, v: setattr(self.c, "signalled_used", v))
 
+    def position(self):
+        """Where the device is in the ring, as a snapshot keeps it: the
+        place, and the indices and kick state the ring's memory does not
+        hold (virtio/device.py's save_state)."""
+        return {"num": self.num, "pfn": self.pfn, "last_avail": self.c.last_avail_idx,
+                "used": self.c.used_idx, "signalled": self.c.signalled_used,
+                "notify": bool(self.c.notify_enabled)}
+
+    def set_position(self, position):
+        """Resume at a saved position (num and pfn were checked by then)."""
+        self.c.last_avail_idx = position["last_avail"]
+        self.c.used_idx = position["used"]
+        self.c.signalled_used = position["signalled"]
+        self.c.notify_enabled = int(position["notify"])
+
     # -- The available side: taking requests.
 
     def pending(self):
