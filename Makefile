@@ -81,6 +81,7 @@ bench: install guests
 	$(PYTHON) bench/net_throughput.py
 	$(PYTHON) bench/disk_parallelism.py
 	$(PYTHON) bench/linux_boot.py
+	$(PYTHON) bench/snapshot_restore.py
 	$(PYTHON) bench/agent_channel.py
 	$(PYTHON) bench/share_and_root.py
 	$(PYTHON) bench/guest_tcp.py

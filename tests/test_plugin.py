@@ -186,3 +186,84 @@ def test_share_root_and_net_reach_the_launcher_in_order(pytester, tmp_path):
         pylguest_root = {tmp_path}/marker,rw
     """)
     run("-k", "root_setting").assert_outcomes(passed=1)
+
+
+SNAPSHOT_TESTS = """
+    import pytest
+
+    @pytest.mark.parametrize("n", range(20))
+    def test_a_fresh_guest_each(guest, n):
+        assert guest.restored_from is not None
+        assert guest.run("ls /tmp/mine-* 2>/dev/null").stdout == ""   # nobody else's
+        guest.succeed(f"touch /tmp/mine-{n}")
+"""
+
+
+@pytest.mark.slow
+def test_twenty_restored_guests_under_xdist_cost_less_than_three_boots(pytester, linux,
+                                                                        kvm_available,
+                                                                        wall_time):
+    """Issue 17's measure: each worker boots once and snapshots, and its
+    tests get restores; the whole run must be shorter than three boots."""
+    import time
+    from pylguest import Guest
+    pytest.importorskip("xdist", reason="pytest-xdist is needed: pip install -e '.[test]'")
+    kernel, initramfs = linux
+    started = time.monotonic()
+    with Guest(kernel, initrd=initramfs, agent=True, timeout=600) as cold:
+        cold.succeed("true")
+    boot = time.monotonic() - started
+    pytester.makepyfile(test_user=SNAPSHOT_TESTS)
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider",
+                                           "--pylguest-snapshots", timeout=600)
+    suite = time.monotonic() - started
+    wall_time(f"one cold boot to a command {boot:.1f} s; 20 restored tests on 2 workers "
+              f"{suite:.1f} s")
+    result.assert_outcomes(passed=20)
+    assert suite < 3 * boot
+
+
+COLD_AND_SNAPSHOT_TESTS = """
+    import pytest
+    from pylguest.guest import Guest
+
+    made = []
+
+    class Restored(tuple):
+        def close(self):
+            pass
+
+    Guest.start = lambda self: self                 # this pytest run boots nothing
+    Guest.wait_ready = lambda self, timeout=None: None
+    Guest.snapshot = lambda self, path: made.append(path)
+    Guest.restore = classmethod(lambda cls, path, **kw: Restored(("restored", str(path))))
+
+    def test_restored(guest):
+        assert guest[0] == "restored"
+
+    def test_restored_again_from_the_same_snapshot(guest):
+        assert guest[0] == "restored" and len(made) == 1
+
+    @pytest.mark.pylguest(cold=True)
+    def test_cold(guest):
+        assert isinstance(guest, Guest)
+
+    @pytest.mark.pylguest(mem="512M")
+    def test_another_configuration_another_snapshot(guest):
+        assert guest[0] == "restored" and len(made) == 2
+
+    def test_a_share_boots(guest_factory, tmp_path):
+        assert isinstance(guest_factory(share=str(tmp_path)), Guest)
+"""
+
+
+def test_snapshot_mode_restores_unless_a_test_needs_a_boot(pytester, tmp_path):
+    for name in ("bzImage", "initramfs.cpio"):
+        (tmp_path / name).write_bytes(b"")
+    pytester.makepyfile(test_user=COLD_AND_SNAPSHOT_TESTS)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider",
+                                           "--pylguest-snapshots",
+                                           f"--pylguest-kernel={tmp_path / 'bzImage'}",
+                                           f"--pylguest-initrd={tmp_path / 'initramfs.cpio'}")
+    result.assert_outcomes(passed=5)

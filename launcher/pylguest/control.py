@@ -169,15 +169,19 @@ def request_snapshot(path, directory, timeout=300.0):
 
 def ask(connection, directory):
     """Send one snapshot request on `connection` and read its answer."""
-    connection.sendall(json.dumps({"snapshot": os.path.abspath(directory)}).encode() + b"\n")
     answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = connection.recv(MAX_REQUEST)
-        if not chunk:
-            raise PylguestError("the launcher closed the control channel without an answer")
-        answer += chunk
-        if len(answer) > MAX_REQUEST:
-            raise PylguestError("the launcher's answer is too long")
+    try:
+        connection.sendall(json.dumps({"snapshot": os.path.abspath(directory)}).encode()
+                           + b"\n")
+        while not answer.endswith(b"\n"):
+            chunk = connection.recv(MAX_REQUEST)
+            if not chunk:
+                raise PylguestError("the launcher closed the control channel without an answer")
+            answer += chunk
+            if len(answer) > MAX_REQUEST:
+                raise PylguestError("the launcher's answer is too long")
+    except OSError as e:         # a timeout; the launcher gone in the middle (a reset)
+        raise PylguestError(f"the control channel: {e.strerror or e}") from None
     try:
         reply = json.loads(answer)
     except ValueError:

@@ -185,7 +185,7 @@ class Guest:
         return self
 
     def __enter__(self):
-        return self.start()
+        return self if self.process is not None else self.start()   # restore() started it
 
     def __exit__(self, *exc):
         self.close()

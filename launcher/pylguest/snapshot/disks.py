@@ -6,8 +6,10 @@ snapshot's memory holds blocks of the image as it was, so restoring onto
 a changed image would mix two disks; restore.py refuses that.  The
 identity is what is cheap to know: the size, the modification time, and
 a SHA-256 of SAMPLES pieces of SAMPLE bytes spread over the image (the
-first and the last among them), so a copy with a new mtime but the same
-bytes is the same image, and most edits that keep the mtime are caught.
+first and the last among them).  All three must match: a new mtime is a
+changed image even if the bytes are the same (we cannot know without
+reading it all), and an edit that puts the mtime back is still caught
+if it touched a sampled piece or the size.
 
 By default a restored guest writes to a copy of its read-write images,
 private to that restore (private_copy), so the snapshot's image never

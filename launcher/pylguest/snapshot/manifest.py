@@ -114,7 +114,7 @@ class _Checker:
         if missing:
             self.fail(where, f"lacks {', '.join(sorted(missing))}")
         if extra:
-            self.fail(where, f"has unknown fields {', '.join(sorted(map(str, extra)))[:200]}")
+            self.fail(where, f"has unknown fields {', '.join(sorted(map(repr, extra)))[:200]}")
         return value
 
     def int(self, value, where, low=0, high=U64):
@@ -130,8 +130,10 @@ class _Checker:
     def text(self, value, where, optional=False):
         if optional and value is None:
             return value
-        if not isinstance(value, str) or len(value) > MAX_TEXT or "\0" in value:
-            self.fail(where, f"is not a string of at most {MAX_TEXT} characters")
+        # No control characters: these reach one-line messages and paths.
+        if not isinstance(value, str) or len(value) > MAX_TEXT \
+                or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            self.fail(where, f"is not a string of at most {MAX_TEXT} printable characters")
         return value
 
     def list(self, value, where, limit):
@@ -147,6 +149,8 @@ class _Checker:
             data = bytes.fromhex(value)
         except ValueError:
             self.fail(where, "is not hex")
+        if 2 * len(data) != len(value):          # fromhex skips whitespace
+            self.fail(where, "is not hex")
         if size is not None and len(data) != size:
             self.fail(where, f"is {len(data)} bytes, not {size} (another kernel's KVM?)")
         return data
@@ -161,8 +165,8 @@ def check(manifest, directory="?"):
     if manifest["format"] != FORMAT:
         c.fail("format", f"is {str(manifest['format'])[:40]!r}, not {FORMAT!r}: not a "
                          "pylguest snapshot")
-    if manifest["version"] != VERSION:
-        c.fail("version", f"is {str(manifest['version'])[:20]}: this pylguest reads "
+    if type(manifest["version"]) is not int or manifest["version"] != VERSION:
+        c.fail("version", f"is {repr(manifest['version'])[:20]}: this pylguest reads "
                           f"version {VERSION}")
     if manifest["pylguest"] != __version__:
         c.fail("pylguest", f"is {str(manifest['pylguest'])[:40]!r}: taken by another pylguest "
@@ -209,6 +213,14 @@ def check(manifest, directory="?"):
         c.int(disk["size"], f"disks[{i}].size")
         c.int(disk["mtime_ns"], f"disks[{i}].mtime_ns")
         c.blob(disk["sample"], f"disks[{i}].sample", 32)
+    # Every disk is saved by reference, so each has its entry (a root that
+    # is a directory is virtio-fs, which is never snapshotted).
+    listed = {disk["path"] for disk in manifest["disks"]}
+    config = manifest["config"]
+    for spec in [*config["block"], *([config["root"]] if config["root"] else [])]:
+        if spec.split(",")[0] not in listed:
+            c.fail("config", f"names the disk {spec.split(',')[0][:80]!r}, which no disk "
+                             "entry describes")
     c.blob(manifest["agent_greeting"], "agent_greeting", limit=MAX_BLOB)
     c.blob(manifest["console_output"], "console_output", limit=1 << 20)
     return manifest
