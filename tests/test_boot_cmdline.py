@@ -46,10 +46,12 @@ def test_a_command_makes_linux_quiet():
     assert linux(command=["true"]) == "console=ttyS0 quiet lguest.devices=0x10000000"
 
 
-def test_emulating_kvm_adds_one_clearcpuid_and_no_noxsave():
+def test_emulating_kvm_adds_one_clearcpuid_kvmclock_and_no_noxsave():
     line = linux(emulating=True)
-    assert line == f"console=ttyS0 clearcpuid={OURS} {ENV_WORDS} lguest.devices=0x10000000"
+    assert line == (f"console=ttyS0 clearcpuid={OURS} clocksource=kvm-clock {ENV_WORDS} "
+                    "lguest.devices=0x10000000")
     assert "noxsave" not in line
+    assert "clocksource" not in linux(emulating=False)     # hardware KVM: Linux chooses
 
 
 def test_the_users_clearcpuid_is_merged_into_ours():
@@ -119,8 +121,9 @@ def env_words(line):
 
 def test_emulating_kvm_gives_init_five_variables_after_clearcpuid():
     words = linux(emulating=True, command=["true"]).split()
-    assert words[:3] == ["console=ttyS0", "quiet", f"clearcpuid={OURS}"]
-    assert words[3:8] == ENV_WORDS.split()
+    assert words[:4] == ["console=ttyS0", "quiet", f"clearcpuid={OURS}",
+                         "clocksource=kvm-clock"]
+    assert words[4:9] == ENV_WORDS.split()
     assert env_words(" ".join(words)) == ENV
 
 

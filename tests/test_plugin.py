@@ -193,7 +193,6 @@ SNAPSHOT_TESTS = """
 
     @pytest.mark.parametrize("n", range(20))
     def test_a_fresh_guest_each(guest, n):
-        assert guest.restored_from is not None
         assert guest.run("ls /tmp/mine-* 2>/dev/null").stdout == ""   # nobody else's
         guest.succeed(f"touch /tmp/mine-{n}")
 """
@@ -239,10 +238,10 @@ COLD_AND_SNAPSHOT_TESTS = """
     Guest.snapshot = lambda self, path: made.append(path)
     Guest.restore = classmethod(lambda cls, path, **kw: Restored(("restored", str(path))))
 
-    def test_restored(guest):
-        assert guest[0] == "restored"
+    def test_booted_and_snapshotted(guest):
+        assert isinstance(guest, Guest) and len(made) == 1
 
-    def test_restored_again_from_the_same_snapshot(guest):
+    def test_restored_from_the_same_snapshot(guest):
         assert guest[0] == "restored" and len(made) == 1
 
     @pytest.mark.pylguest(cold=True)
@@ -251,7 +250,7 @@ COLD_AND_SNAPSHOT_TESTS = """
 
     @pytest.mark.pylguest(mem="512M")
     def test_another_configuration_another_snapshot(guest):
-        assert guest[0] == "restored" and len(made) == 2
+        assert isinstance(guest, Guest) and len(made) == 2
 
     def test_a_share_boots(guest_factory, tmp_path):
         assert isinstance(guest_factory(share=str(tmp_path)), Guest)

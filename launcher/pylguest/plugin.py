@@ -31,8 +31,8 @@ shared guests boot the default kernel).
 
 Boot once, restore many: with `--pylguest-snapshots` (or the ini key
 `pylguest_snapshots = true`) the first `guest` of each configuration in a
-run (per xdist worker) boots, is snapshotted, and is stopped; that test
-and every later one with the same options gets a fresh restore of the
+run (per xdist worker) boots and is snapshotted, and serves that test;
+every later one with the same options gets a fresh restore of the
 snapshot (pylguest.Guest.restore): milliseconds of the host's work instead
 of a boot, and still a guest no other test touched.  A test that needs a
 cold boot says `@pytest.mark.pylguest(cold=True)`; guests with shares
@@ -184,16 +184,20 @@ class SnapshotCache:
         self.made = {}                  # configuration -> snapshot directory
 
     def snapshot_for(self, key, boot):
-        """The snapshot of the guest boot() starts (made on first use)."""
-        if key not in self.made:
-            path = self.directory / f"snapshot{len(self.made)}"
-            first = boot()
-            try:
-                first.snapshot(path)
-            finally:
-                first.close()
-            self.made[key] = path
-        return self.made[key]
+        """(the snapshot of the guest boot() starts, made on first use; and
+        on first use that booted guest itself, else None).  The booted
+        guest was touched by nobody yet, so it serves the first test."""
+        if key in self.made:
+            return self.made[key], None
+        path = self.directory / f"snapshot{len(self.made)}"
+        first = boot()
+        try:
+            first.snapshot(path)
+        except BaseException:
+            first.close()
+            raise
+        self.made[key] = path
+        return path, first
 
 
 class GuestFactory:
@@ -262,10 +266,10 @@ class GuestFactory:
     def _restored(self, booted, timeout, boot_timeout):
         """A restore of the snapshot of guests like `booted` (not started)."""
         from pylguest.guest import Guest
-        path = self.snapshots.snapshot_for(tuple(booted.argv),
-                                           lambda: self._boot(booted, boot_timeout))
-        if booted in self.guests:
-            self.guests.remove(booted)          # the snapshot's own guest: closed by now
+        path, first = self.snapshots.snapshot_for(tuple(booted.argv),
+                                                  lambda: self._boot(booted, boot_timeout))
+        if first is not None:
+            return first                        # booted and saved, untouched: this test's
         try:
             guest = Guest.restore(path, timeout=timeout)
         except Exception as e:

@@ -11,6 +11,7 @@ Adding one option never loses the console.  The words, in order:
     quiet                only when running a command (`-- CMD`): show its
                          output, not the boot log (`loglevel=7` undoes it)
     clearcpuid=...       only on an emulating KVM (see below)
+    clocksource=kvm-clock  only on an emulating KVM: see "The clock" below
     KEY=VALUE x 5        only on an emulating KVM: GLIBC_TUNABLES,
                          OPENSSL_ia32cap, NPY_DISABLE_CPU_FEATURES,
                          OPENBLAS_CORETYPE, GODEBUG for init's environment
@@ -34,6 +35,15 @@ use them.  erms and fsrm go too: without them Linux copies with `rep
 movsq`, about three times faster under emulation than `rep movsb`.  Linux
 reads only one clearcpuid= (the last one: arch/x86/lib/cmdline.c), from a
 128-byte buffer, so ours and any the user gives are merged into one.
+
+The clock.  Under PVM the guest reads the host's TSC, which KVM cannot
+offset, so a restored snapshot (snapshot/restore.py) whose guest keeps
+time with `tsc` sees its clock jump forward by the snapshot's age, and
+pays for the catching up: its first command took 4-5 s for a snapshot a
+minute old.  kvmclock is KVM's, and KVM_SET_CLOCK sets it back exactly,
+so with it a restored guest goes on from the snapshot's instant (first
+command 1.9 s; docs/abi.md section 11).  On hardware KVM the TSC is
+offset per VM and restores exactly, and Linux's own choice stands.
 
 Without xsave the guest kernel switches FPU state with FXSAVE, which
 keeps x87 and xmm0-15 only; but guest user mode runs natively under the
@@ -102,6 +112,8 @@ EMULATING_KVM_CLEARCPUID = ("popcnt", "smap", "avx", "avx2", "avx512f", "fma", "
                             "xsave", "erms", "fsrm")
 CLEARCPUID = "clearcpuid="
 CLEARCPUID_MAX = 127               # Linux's buffer is 128 bytes with the NUL
+
+EMULATING_KVM_CLOCKSOURCE = "clocksource=kvm-clock"    # see "The clock" above
 
 # init's environment on an emulating KVM (see above), in this order.
 HWCAPS = "glibc.cpu.hwcaps"
@@ -236,6 +248,7 @@ def compose(user, *, linux, emulating, command, device_page, agent_port=None,
             words += COMMAND_DEFAULTS
         if emulating:
             words.append(CLEARCPUID + ",".join(EMULATING_KVM_CLEARCPUID))
+            words.append(EMULATING_KVM_CLOCKSOURCE)
             words += [env_word(key, value) for key, value in EMULATING_KVM_ENVIRONMENT]
     words += split_words(user)
     if linux:
