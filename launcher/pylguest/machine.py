@@ -26,6 +26,7 @@ threads, image locks -- before the error reaches the caller.
 """
 
 import os
+import time
 from typing import NamedTuple
 
 from pylguest import layout, stop
@@ -363,8 +364,11 @@ class Machine:
             finally:
                 done.set()
         self.stopping.pause(action)
-        if not done.wait(self.SNAPSHOT_TIMEOUT) or self.stopping.pending():
-            if not done.is_set():
+        # The vCPU takes the pause at its next EINTR; a run that ends first
+        # never will, so the wait gives up then too.
+        deadline = time.monotonic() + self.SNAPSHOT_TIMEOUT
+        while not done.wait(stop.StopRequest.SLICE):
+            if self.stopping.pending() is not None or time.monotonic() > deadline:
                 raise SnapshotError(f"snapshot {directory}: the guest stopped, or its vCPU "
                                     f"did not pause within {self.SNAPSHOT_TIMEOUT:g} s")
         if "error" in outcome:

@@ -106,13 +106,13 @@ def device_config(snapshot, agent, disk_writes, copies):
         raise SnapshotError(f"snapshot {snapshot.directory}: its guest has no agent channel "
                             "to connect --agent to")
     saved_disks = snapshot.manifest["disks"]
-    images = [disk["path"] for disk in saved_disks]
+    writable = {disk["path"] for disk in saved_disks if not disk["read_only"]}
     for disk in saved_disks:
         disks.check_unchanged(disk, snapshot.directory)
 
     def image(spec):
         path, comma, flags = spec.partition(",")
-        if disk_writes == "image" or path not in images or _read_only(spec):
+        if disk_writes == "image" or path not in writable:
             return spec
         copies.append(disks.private_copy(path, snapshot.directory))
         return copies[-1] + comma + flags
@@ -123,11 +123,6 @@ def device_config(snapshot, agent, disk_writes, copies):
     return {"block": tuple(image(spec) for spec in config["block"]),
             "net": tuple(config["net"]), "rng": config["rng"], "console": config["console"],
             "root": root, "agent": agent}
-
-
-def _read_only(spec):
-    path, *flags = spec.split(",")
-    return "ro" in flags
 
 
 def check_memory(snapshot, regions, ram_top):
