@@ -9,10 +9,11 @@ spec cannot hide in both ends at once:
   - a frame is a 12-byte header, u32 length (<= 65536), u32 id, u16 type,
     u16 reserved (0), then the payload, little-endian throughout;
   - a string is a u32 byte count and the bytes;
-  - HELLO (id 0) comes first: u32 version 1, u32 max_payload 65536,
+  - HELLO (id 0) comes first: u32 version 2, u32 max_payload 65536,
     u32 window 262144, the agent's name;
   - EXEC: u32 timeout_ms, u32 flags (bit 0: STDIN frames), argc strings,
-    envc strings, the working directory; EXIT: u32 how, i32 value.
+    envc strings, the working directory; EXIT: u32 how, i32 value;
+  - CLOCK: i64 seconds, u32 nanoseconds; answered DONE or ERROR.
 
 Every wait is bounded (a socket timeout, a deadline) well inside
 pytest-timeout's 60 s.
@@ -40,7 +41,7 @@ CFLAGS = ["-static", "-O2", "-Wall", "-Wextra", "-Werror"]
 HEADER = struct.Struct("<IIHH")
 MAX_PAYLOAD = 65536
 WINDOW = 262144
-EXEC, STDIN, SIGNAL, PUT, GET, DATA = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+EXEC, STDIN, SIGNAL, PUT, GET, DATA, CLOCK = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 HELLO, STDOUT, STDERR, EXIT, ACK, STAT, DONE, ERROR = 0x81, 0x82, 0x83, 0x84, 0x85, 0x87, \
     0x88, 0x89
 AGENT_TYPES = {DATA, HELLO, STDOUT, STDERR, EXIT, ACK, STAT, DONE, ERROR}
@@ -92,7 +93,7 @@ class Agent:
     the agent's frames as they come (so its writes never block on us),
     checks each header against the spec, and files them by id."""
 
-    def __init__(self, binary, stderr_path, env=None):
+    def __init__(self, binary, stderr_path, env=None, user=None):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stderr_path = stderr_path
         # As /init's "&" starts it: with SIGINT and SIGQUIT ignored.
@@ -101,7 +102,9 @@ class Agent:
         with open(stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(argv,
                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+                                            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                            user=user, group=user,
+                                            extra_groups=None if user is None else [])
         theirs.close()
         self.sock.settimeout(WAIT)
         self.frames = collections.defaultdict(list)      # id -> [(type, payload)]
@@ -223,11 +226,11 @@ def agent(agent_binary, tmp_path):
 # -- the channel --------------------------------------------------------------------
 
 
-def test_hello_comes_first_with_version_1(agent):
+def test_hello_comes_first_with_version_2(agent):
     assert agent.order[0] == (0, HELLO)
     (payload,) = agent.of(0, HELLO)
     version, max_payload, window = struct.unpack_from("<III", payload)
-    assert (version, max_payload, window) == (1, 65536, 262144)
+    assert (version, max_payload, window) == (2, 65536, 262144)
     assert payload[12:] == b"pylguest-agent"
 
 
@@ -460,3 +463,54 @@ def test_get_of_a_missing_file_is_enoent(agent, tmp_path):
     agent.send(PUT, 2, struct.pack("<I", 0o644) + os.fsencode(tmp_path / "no" / "dir"))
     type_, payload = agent.finish(2)
     assert type_ == ERROR and struct.unpack_from("<i", payload)[0] == errno.ENOENT
+
+
+# -- CLOCK ---------------------------------------------------------------------------
+#
+# The agent runs as nobody here: clock_settime needs CAP_SYS_TIME, so a
+# test (or an agent bug) can never set the host's clock.  A CLOCK that
+# succeeds is shown by the Linux snapshot tests, in a guest.  Here, every
+# way one is refused, each answered with ERROR, and the agent goes on.
+
+
+@pytest.fixture
+def nobody_agent(agent_binary, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to start the agent as another user (nobody)")
+    import tempfile
+    where = tempfile.mkdtemp(prefix="pylguest-agent-")    # pytest's tmp dirs are 0700
+    os.chmod(where, 0o755)
+    binary = shutil.copy(agent_binary, os.path.join(where, "pylguest-agent"))
+    os.chmod(binary, 0o755)
+    agent = Agent(binary, tmp_path / "agent.stderr", user=65534)
+    try:
+        agent.wait(lambda: agent.order, "HELLO")
+        yield agent
+    finally:
+        status = agent.close()
+        shutil.rmtree(where)
+    assert status == 0, agent.stderr()
+
+
+def error_of(agent, id_):
+    type_, payload = agent.finish(id_)
+    assert type_ == ERROR, (type_, payload)
+    return struct.unpack_from("<i", payload)[0], payload[4:]
+
+
+@pytest.mark.parametrize("payload, why", [
+    (struct.pack("<qI", 0, 0)[:11], b"malformed CLOCK"),
+    (struct.pack("<qI", 0, 0) + b"x", b"malformed CLOCK"),
+    (struct.pack("<qI", -1, 0), b"CLOCK out of range"),
+    (struct.pack("<qI", 0, 1_000_000_000), b"CLOCK out of range"),
+])
+def test_a_malformed_clock_is_refused(nobody_agent, payload, why):
+    nobody_agent.send(CLOCK, 7, payload)
+    assert error_of(nobody_agent, 7) == (errno.EINVAL, why)
+    assert nobody_agent.run(8, [b"true"])[:2] == (EXITED, 0)
+
+
+def test_a_clock_the_guest_may_not_set_is_refused_with_its_errno(nobody_agent):
+    nobody_agent.send(CLOCK, 3, struct.pack("<qI", int(time.time()), 0))
+    assert error_of(nobody_agent, 3) == (errno.EPERM, b"cannot set the clock")
+    assert nobody_agent.run(4, [b"true"])[:2] == (EXITED, 0)

@@ -15,7 +15,7 @@ import pytest
 
 from pylguest.agent.session import AgentError, ChannelClosed, Session
 
-HELLO = struct.pack("<III", 1, 65536, 262144) + b"scripted"
+HELLO = struct.pack("<III", 2, 65536, 262144) + b"scripted"
 
 
 def frame(type_, id_, payload=b"", reserved=0):
@@ -76,7 +76,7 @@ def outcome(thread, box):
     (lambda id_: frame(0x82, id_, b"x", reserved=1), "reserved field"),
     (lambda id_: frame(0x77, id_), "unknown frame type 0x77"),
     (lambda id_: struct.pack("<IIHH", 65537, id_, 0x82, 0), "a frame of 65537 bytes"),
-    (lambda id_: frame(0x81, 0, struct.pack("<III", 2, 65536, 262144)), "speaks version 2"),
+    (lambda id_: frame(0x81, 0, struct.pack("<III", 3, 65536, 262144)), "speaks version 3"),
     (lambda id_: frame(0x81, 5, HELLO), "HELLO with id 5"),
 ])
 def test_each_rule_an_agent_breaks_closes_the_channel(channel, reply, rule):
@@ -151,3 +151,61 @@ def test_stdin_never_has_more_than_the_window_unacknowledged(channel):
     assert type_ == 0x02 and len(data) == 65536
     agent.sendall(frame(0x84, id_, struct.pack("<Ii", 0, 0)))
     assert outcome(*call).status == 0
+
+
+def test_closing_the_session_does_not_ask_why_the_other_end_closed():
+    """close() shuts the socket itself: the reader then sees end of file,
+    and must not ask the launcher why (Guest's why_closed waits up to 5 s
+    for a launcher that is still running)."""
+    ours, agent = socket.socketpair()
+    asked = []
+    session = Session(ours, why_closed=lambda: asked.append(1) or "gone")
+    agent.sendall(frame(0x81, 0, HELLO))
+    session.wait_ready(10)
+    session.close()
+    assert not session._reader.is_alive()
+    assert asked == [] and "closed by the test" in str(session.closed)
+    agent.close()
+
+
+def test_the_other_end_closing_is_explained_by_why_closed():
+    ours, agent = socket.socketpair()
+    session = Session(ours, why_closed=lambda: "the launcher exited")
+    agent.sendall(frame(0x81, 0, HELLO))
+    session.wait_ready(10)
+    agent.close()
+    session._reader.join(10)
+    assert "the launcher exited" in str(session.closed)
+    session.close()
+
+
+def test_set_clock_sends_seconds_and_nanoseconds_and_waits_for_done(channel):
+    session, agent = channel
+    call = start(session, lambda: session.set_clock(1_700_000_000.25))
+    id_, type_, payload = host_frame(agent)
+    assert type_ == 0x07 and struct.unpack("<qI", payload) == (1_700_000_000, 250_000_000)
+    agent.sendall(frame(0x88, id_))
+    assert outcome(*call) is None
+
+
+def test_set_clock_refused_in_the_guest_is_an_agent_error(channel):
+    session, agent = channel
+    call = start(session, lambda: session.set_clock(0.0))
+    id_, _, _ = host_frame(agent)
+    agent.sendall(frame(0x89, id_, struct.pack("<i", 1) + b"cannot set the clock"))
+    error = outcome(*call)
+    assert isinstance(error, AgentError) and "cannot set the clock" in str(error)
+
+
+def test_an_agent_older_than_clock_is_not_sent_one():
+    ours, agent = socket.socketpair()
+    agent.settimeout(0.5)
+    session = Session(ours)
+    agent.sendall(frame(0x81, 0, struct.pack("<III", 1, 65536, 262144) + b"old"))
+    session.wait_ready(10)
+    with pytest.raises(AgentError, match="version 1, which has no CLOCK"):
+        session.set_clock(0.0)
+    with pytest.raises(socket.timeout):
+        agent.recv(1)                                 # nothing was sent
+    session.close()
+    agent.close()

@@ -28,10 +28,14 @@ def launcher(*args):
 class Running:
     """A launcher with its console on pipes; read() waits for text."""
 
-    def __init__(self, *args):
-        self.process = subprocess.Popen(launcher("run", *args, "--timeout", "60"),
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=ENV)
+    def __init__(self, *args, forkserver=None):
+        """A fresh `python -m pylguest`, or one forked by `forkserver`."""
+        if forkserver is not None:
+            self.process = forkserver.spawn(["run", *args, "--timeout", "60"], env=ENV)
+        else:
+            self.process = subprocess.Popen(launcher("run", *args, "--timeout", "60"),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, env=ENV)
         os.set_blocking(self.process.stdout.fileno(), False)
         self.seen = b""
 
@@ -130,6 +134,28 @@ def test_two_restores_run_side_by_side(echo_snapshot):
     finally:
         first.kill()
         second.kill()
+
+
+def test_restores_forked_from_the_fork_server_go_on_side_by_side(echo_snapshot):
+    """Guest.restore's way (forkserver.py): launchers forked from a warm one."""
+    from pylguest.forkserver import ForkServer
+    path, _ = echo_snapshot
+    server = ForkServer(ENV)
+    try:
+        first = Running("--restore", str(path), forkserver=server)
+        second = Running("--restore", str(path), forkserver=server)
+        try:
+            first.type(b"one")
+            second.type(b"two")
+            first.expect(b"ONE")
+            second.expect(b"TWO")
+            assert b"TWO" not in first.seen and b"echo: ready" not in first.seen
+            assert first.finish() == 0 and second.finish() == 0
+        finally:
+            first.kill()
+            second.kill()
+    finally:
+        server.close()
 
 
 def test_the_snapshot_is_sparse_and_the_manifest_says_what_it_holds(echo_snapshot):

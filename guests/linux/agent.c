@@ -14,9 +14,9 @@
  *
  * The protocol is docs/abi.md, section 8.  Everything on the channel is a
  * frame: a 12-byte header and up to 64 KiB of payload.  The host opens
- * requests -- EXEC a command, PUT a file, GET a file -- and the agent
- * answers each until EXIT, DONE, an empty DATA or ERROR ends it.  Any
- * number of requests (up to 64) run side by side.
+ * requests -- EXEC a command, PUT a file, GET a file, set the CLOCK --
+ * and the agent answers each until EXIT, DONE, an empty DATA or ERROR ends
+ * it.  Any number of requests (up to 64) run side by side.
  *
  * Everything happens in one poll() loop, over
  *   - the channel, read a piece at a time (a frame may come in pieces);
@@ -52,7 +52,7 @@
 #include <unistd.h>
 
 #define NAME		"pylguest-agent"
-#define VERSION		1
+#define VERSION		2		/* 2: CLOCK */
 #define MAX_PAYLOAD	65536
 #define WINDOW		262144		/* STDIN or DATA bytes unACKed, per request */
 #define MAX_REQUESTS	64
@@ -62,6 +62,7 @@ enum frame_type {
 	/* host to agent */
 	FRAME_EXEC = 0x01, FRAME_STDIN = 0x02, FRAME_SIGNAL = 0x03,
 	FRAME_PUT = 0x04, FRAME_GET = 0x05, FRAME_DATA = 0x06,
+	FRAME_CLOCK = 0x07,
 	/* agent to host (and DATA) */
 	FRAME_HELLO = 0x81, FRAME_STDOUT = 0x82, FRAME_STDERR = 0x83,
 	FRAME_EXIT = 0x84, FRAME_ACK = 0x85, FRAME_STAT = 0x87,
@@ -729,6 +730,45 @@ static void stream_file(struct request *r)
 	}
 }
 
+/* -- CLOCK: the wall clock ---------------------------------------------- */
+
+struct __attribute__((packed)) clock_payload {
+	int64_t seconds;		/* since the epoch, UTC */
+	uint32_t nanoseconds;
+};
+
+/*
+ * A guest restored from a snapshot goes on from the snapshot's instant
+ * (kvmclock is restored, not advanced), so its wall clock is as old as the
+ * snapshot until the host sets it.  Answered at once, DONE or ERROR: it
+ * needs no slot, and costs no fork and exec of date(1).
+ */
+static void set_clock(uint32_t id, struct request *open,
+		      const unsigned char *payload, size_t length)
+{
+	struct clock_payload c;
+	struct timespec when;
+
+	if (open) {
+		fail(open, EINVAL, "a request with this id is open already");
+		return;
+	}
+	if (length != sizeof(c)) {
+		send_error(id, EINVAL, "malformed CLOCK");
+		return;
+	}
+	memcpy(&c, payload, sizeof(c));
+	if (c.seconds < 0 || c.nanoseconds >= 1000000000) {
+		send_error(id, EINVAL, "CLOCK out of range");
+		return;
+	}
+	when = (struct timespec){ .tv_sec = c.seconds, .tv_nsec = c.nanoseconds };
+	if (clock_settime(CLOCK_REALTIME, &when) < 0)
+		send_error(id, errno, "cannot set the clock");
+	else
+		send_frame(id, FRAME_DONE, NULL, 0);
+}
+
 /* -- frames from the host ------------------------------------------------ */
 
 static void open_request(uint32_t id, enum frame_type type, const unsigned char *p, size_t n)
@@ -760,6 +800,8 @@ static void handle_frame(uint32_t id, enum frame_type type, const unsigned char 
 
 	if (type == FRAME_EXEC || type == FRAME_PUT || type == FRAME_GET)
 		open_request(id, type, p, n);
+	else if (type == FRAME_CLOCK)
+		set_clock(id, r, p, n);
 	else if (r && type == FRAME_STDIN)
 		take_stdin(r, p, n);
 	else if (r && type == FRAME_SIGNAL)
@@ -775,7 +817,7 @@ static void handle_frame(uint32_t id, enum frame_type type, const unsigned char 
 static void check_header(const struct header *h)
 {
 	if (h->length > MAX_PAYLOAD || h->reserved || !h->id ||
-	    h->type < FRAME_EXEC || h->type > FRAME_DATA)
+	    h->type < FRAME_EXEC || h->type > FRAME_CLOCK)
 		quit(2, "malformed frame from the host: length %u (at most %d), id %u, "
 		     "type 0x%x, reserved 0x%x", h->length, MAX_PAYLOAD, h->id, h->type,
 		     h->reserved);

@@ -53,6 +53,7 @@ import threading
 import time
 
 import pylguest
+from pylguest.agent.protocol import CLOCK_SINCE
 from pylguest.agent.session import (DEFAULT_TIMEOUT, AgentError, ChannelClosed, CommandFailed,
                                     Session, socket_pair)
 
@@ -122,8 +123,9 @@ class Guest:
         ("ip", "netns", "exec", "ns1"); `agent` makes it a session (run(),
         succeed(), copy_to(), ...: pylguest's Linux and initramfs only)."""
         self.timeout = float(timeout)
-        self.argv = list(wrapper) + [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
-                                     "--timeout", f"{self.timeout:g}"]
+        self.wrapper = list(wrapper)
+        self.argv = self.wrapper + [sys.executable, "-m", "pylguest", "run", os.fspath(kernel),
+                                    "--timeout", f"{self.timeout:g}"]
         if cmdline is not None:
             self.argv += ["--cmdline", cmdline]
         if initrd is not None:
@@ -151,6 +153,7 @@ class Guest:
         self.session = None
         self._control = None                # snapshot()'s socket, for a session
         self.restored_from = None           # the snapshot directory, for a restore
+        self.forkserver = None              # the server its launcher is forked from, if any
 
     # -- starting and stopping ------------------------------------------------
 
@@ -166,10 +169,7 @@ class Guest:
         if self.command is not None:
             argv += ["--", *self.command]
         try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            env=self.env,
-                                            pass_fds=[end.fileno() for end in theirs])
+            self.process = self._launch(argv, [end.fileno() for end in theirs])
         finally:
             for end in theirs:
                 end.close()                  # the launcher has its own copy now
@@ -183,6 +183,15 @@ class Guest:
         for reader in self._readers:
             reader.start()
         return self
+
+    def _launch(self, argv, pass_fds):
+        """The launcher process: a subprocess, or forked by a fork server
+        (forkserver.py), which takes `pylguest`'s own arguments."""
+        if self.forkserver is not None:
+            pylguest_args = argv[len(self.wrapper) + 3:]          # after python -m pylguest
+            return self.forkserver.spawn(pylguest_args, env=self.env, pass_fds=pass_fds)
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env, pass_fds=pass_fds)
 
     def __enter__(self):
         return self if self.process is not None else self.start()   # restore() started it
@@ -425,20 +434,26 @@ class Guest:
 
     @classmethod
     def restore(cls, path, *, timeout=60.0, trace=False, disk_writes="copy", extra_args=(),
-                env=None, wrapper=(), sync_clock=True):
+                env=None, wrapper=(), sync_clock=True, forkserver=True):
         """A new guest started from the snapshot at `path` (Guest.snapshot,
         `pylguest snapshot`), already started: a session whose agent is
         ready.  Many may run at once; each writes only to its own memory
         and (disk_writes="copy") its own copy of a read-write disk.  Its
         wall clock is set from the host's (`sync_clock`): kvmclock goes on
         from the snapshot's time, so without it the guest's date would be
-        as old as the snapshot (snapshot/restore.py)."""
+        as old as the snapshot (snapshot/restore.py).  With `forkserver`
+        its launcher is forked from a warm one that this process keeps
+        (forkserver.py): no Python start, and the restores share the
+        launcher's memory; False starts a fresh `python -m pylguest`."""
         guest = cls("", timeout=timeout, trace=trace, env=env, wrapper=wrapper, agent=True,
                     extra_args=["--restore", os.fspath(path), "--disk-writes", disk_writes,
                                 *option_list(extra_args, "extra_args")])
         kernel_at = guest.argv.index("run") + 1
         del guest.argv[kernel_at]                      # the snapshot has the kernel
         guest.restored_from = os.fspath(path)
+        if forkserver:
+            from pylguest import forkserver as servers
+            guest.forkserver = servers.shared(guest.env, guest.wrapper)
         guest.start()
         try:
             guest.wait_ready()
@@ -451,10 +466,15 @@ class Guest:
 
     def set_clock(self, when=None):
         """Set the guest's wall clock to `when` (seconds since the epoch;
-        default: the host's now), to the second, with the guest's own
-        `date` (busybox's and coreutils' both take -s @SECONDS)."""
-        when = time.time() if when is None else when
-        self.succeed(["date", "-u", "-s", f"@{round(when)}"])
+        default: the host's now): with the agent's CLOCK, or, for an agent
+        older than it (a snapshot's, say), to the second with the guest's
+        own `date` (busybox's and coreutils' both take -s @SECONDS)."""
+        session = self._session()
+        if session.hello.version >= CLOCK_SINCE:
+            session.set_clock(time.time() if when is None else when)
+        else:
+            when = time.time() if when is None else when
+            self.succeed(["date", "-u", "-s", f"@{round(when)}"])
 
     @property
     def transcript(self):

@@ -12,12 +12,14 @@ guest, so its bytes are hostile.  What a frame may say about a request
 import struct
 from typing import NamedTuple
 
-VERSION = 1
+VERSION = 2                        # 2: CLOCK
+VERSIONS = (1, 2)                  # what a HELLO may say: a snapshot's agent may be older
 HEADER = struct.Struct("<IIHH")
 MAX_PAYLOAD = 65536
 
 # Host to agent.
-EXEC, STDIN, SIGNAL, PUT, GET, DATA = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+EXEC, STDIN, SIGNAL, PUT, GET, DATA, CLOCK = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+CLOCK_SINCE = 2                    # the first version with CLOCK
 # Agent to host (DATA goes both ways).
 HELLO, STDOUT, STDERR, EXIT, ACK, STAT, DONE, ERROR = (0x81, 0x82, 0x83, 0x84, 0x85, 0x87,
                                                       0x88, 0x89)
@@ -32,6 +34,7 @@ _EXIT = struct.Struct("<Ii")       # how, value
 _U32 = struct.Struct("<I")
 _STAT = struct.Struct("<IQ")       # mode, size
 _ERRNO = struct.Struct("<i")
+_CLOCK = struct.Struct("<qI")      # seconds, nanoseconds
 
 
 class ProtocolError(Exception):
@@ -79,6 +82,11 @@ def put_frame(id_, path, mode):
 
 def get_frame(id_, path):
     return frame(GET, id_, path)
+
+
+def clock_frame(id_, seconds, nanoseconds):
+    """CLOCK: set the guest's wall clock (UTC) to seconds.nanoseconds."""
+    return frame(CLOCK, id_, _CLOCK.pack(seconds, nanoseconds))
 
 
 # -- agent to host --------------------------------------------------------------
@@ -136,8 +144,9 @@ def _fixed(frame_, layout, extra=False):
 def parse_hello(frame_):
     version, max_payload, window = _fixed(frame_, _HELLO, extra=True)
     name = frame_.payload[_HELLO.size:].decode("utf-8", "replace")
-    if version != VERSION:
-        raise ProtocolError(f"the agent speaks version {version}; this pylguest speaks {VERSION}")
+    if version not in VERSIONS:
+        raise ProtocolError(f"the agent speaks version {version}; this pylguest speaks "
+                            f"{', '.join(map(str, VERSIONS))}")
     if not 0 < window <= 1 << 30 or max_payload != MAX_PAYLOAD:
         raise ProtocolError(f"HELLO offers window {window} and frames of {max_payload} bytes")
     return Hello(version, max_payload, window, name)

@@ -179,6 +179,8 @@ class Session:
             except OSError as e:
                 return self._close(f"reading it failed: {e}")
             if not data:
+                if self.closed is not None:
+                    return               # close() shut it: nothing to ask the launcher
                 return self._close(self.why_closed())
             try:
                 for frame in frames.feed(data):
@@ -225,7 +227,7 @@ class Session:
         elif kind == "exec" and type_ == protocol.EXIT:
             request.exit = protocol.parse_exit(frame)
             self._finish(request)
-        elif kind == "put" and type_ == protocol.DONE and not frame.payload:
+        elif kind in ("put", "clock") and type_ == protocol.DONE and not frame.payload:
             self._finish(request)
         elif kind == "get" and type_ == protocol.STAT and request.stat is None:
             request.stat = protocol.parse_stat(frame)
@@ -411,6 +413,24 @@ class Session:
         else:
             self._send(protocol.frame(protocol.DATA, request.id), deadline)
         self._wait(request, deadline, f"copying to {os.fsdecode(guest_path)}")
+
+    def set_clock(self, when, *, timeout=DEFAULT_TIMEOUT):
+        """Set the guest's wall clock to `when` (seconds since the epoch, a
+        float: to the nanosecond it carries).  AgentError if this agent is
+        older than CLOCK (protocol version 2) or the guest refused."""
+        if self.hello is not None and self.hello.version < protocol.CLOCK_SINCE:
+            raise AgentError(f"{self.name}: the guest's agent speaks version "
+                             f"{self.hello.version}, which has no CLOCK")
+        if not 0 <= when < 1 << 62:
+            raise ValueError(f"a wall clock of {when!r} seconds")
+        # Apart first: as one float of nanoseconds, today's date keeps no
+        # nanoseconds (a double holds 15-16 digits).
+        seconds = int(when)
+        nanoseconds = min(round((when - seconds) * 1e9), 10**9 - 1)
+        deadline = time.monotonic() + timeout
+        request = self._open("clock")
+        self._send(protocol.clock_frame(request.id, seconds, nanoseconds), deadline)
+        self._wait(request, deadline, "setting the clock")
 
     def get(self, guest_path, sink, *, timeout=DEFAULT_TIMEOUT):
         """Stream `guest_path` into the file object `sink`; return its mode."""
