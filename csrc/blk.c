@@ -369,8 +369,22 @@ struct pyl_blk_inflight {
 	uint32_t first;		/* the oldest slot not yet published */
 	uint32_t count;		/* slots taken and not yet published */
 	uint32_t submitted;	/* io_uring requests not yet completed */
+	int error;		/* the errno io_uring failed with, once it has */
 	struct slot slot[DEPTH];
 };
+
+/*
+ * How waiting for io_uring can end early: a reset or stop is waiting, or
+ * the ring itself failed (a hard error, not "nothing yet"), after which
+ * nothing in flight can be reaped and the device stops.
+ */
+#define REAP_ABANDONED		(-1)
+#define REAP_RING_FAILED	(-2)
+
+static int stop_for(int reaped)
+{
+	return reaped == REAP_RING_FAILED ? PYL_BLK_HOST_FAULT : PYL_BLK_ABANDONED;
+}
 
 /* Once, when the device opens its image; 1 with io_uring, 0 without. */
 int pyl_blk_start(struct pyl_blk *blk, int use_io_uring)
@@ -529,11 +543,19 @@ static int reap(struct pyl_blk *blk, int wait)
 
 		if (err == -ETIME || err == -EINTR) {
 			if (abandoned(blk))
-				return -1;
+				return REAP_ABANDONED;
 			continue;
 		}
-		if (err)
-			return 0;	/* nothing completed yet (-EAGAIN) */
+		if (err == -EAGAIN)
+			return 0;	/* peeked: nothing completed yet */
+		if (err) {
+			/*
+			 * Anything else will fail again at once: returning
+			 * "nothing yet" here would have the caller spin.
+			 */
+			f->error = -err;
+			return REAP_RING_FAILED;
+		}
 		completed(blk, cqe);
 		io_uring_cqe_seen(&f->ring, cqe);
 		wait = 0;
@@ -541,12 +563,14 @@ static int reap(struct pyl_blk *blk, int wait)
 	return 0;
 }
 
-/* Until nothing is in flight; -1 if a reset or stop came first. */
+/* Until nothing is in flight; or REAP_ABANDONED, or REAP_RING_FAILED. */
 static int wait_all(struct pyl_blk *blk)
 {
+	int reaped;
+
 	while (blk->inflight->submitted)
-		if (reap(blk, 1) < 0)
-			return -1;
+		if ((reaped = reap(blk, 1)) < 0)
+			return reaped;
 	return 0;
 }
 
@@ -589,13 +613,14 @@ static void publish(struct pyl_vq *vq, struct pyl_blk *blk,
 }
 
 /*
- * Start the request in `slot`: to io_uring, or done at once.  -1 if a
- * reset or stop abandoned it.
+ * Start the request in `slot`: to io_uring, or done at once.
+ * REAP_ABANDONED if a reset or stop abandoned it, REAP_RING_FAILED if
+ * waiting for the requests before a flush failed.
  */
 static int start(struct pyl_blk *blk, struct slot *slot, uint32_t index)
 {
 	uint64_t written;
-	int status;
+	int status, reaped;
 
 	slot->done = 0;
 	slot->write = slot->req.type == VIRTIO_BLK_T_OUT;
@@ -605,11 +630,11 @@ static int start(struct pyl_blk *blk, struct slot *slot, uint32_t index)
 	    submit(blk, slot, index))
 		return 0;
 	/* Every write before a flush is written first. */
-	if (slot->req.type == VIRTIO_BLK_T_FLUSH && wait_all(blk) < 0)
-		return -1;
+	if (slot->req.type == VIRTIO_BLK_T_FLUSH && (reaped = wait_all(blk)) < 0)
+		return reaped;
 	status = execute(blk, &slot->req, &written);
 	if (status < 0)
-		return -1;
+		return REAP_ABANDONED;
 	finish(slot, status, written);
 	return 0;
 }
@@ -694,6 +719,7 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 	uint32_t index = (f->first + f->count) % DEPTH;
 	struct slot *slot = &f->slot[index];
 	int got = pyl_vq_pop_with_notify(vq, chain);
+	int reaped;
 
 	if (got < 0)
 		return PYL_BLK_RING_FAULT;
@@ -705,8 +731,9 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 	 * Its header is read below: after any request in flight that
 	 * writes those bytes.
 	 */
-	if (f->submitted && shares_memory(f, chain) && wait_all(blk) < 0)
-		return PYL_BLK_ABANDONED;
+	if (f->submitted && shares_memory(f, chain) &&
+	    (reaped = wait_all(blk)) < 0)
+		return stop_for(reaped);
 	out->rule = parse(chain, &slot->req);
 	if (out->rule) {
 		out->head = chain->head;
@@ -714,27 +741,29 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 		return PYL_BLK_REQUEST_FAULT;
 	}
 	if (f->submitted && shares_sectors(blk, &slot->req) &&
-	    wait_all(blk) < 0)
-		return PYL_BLK_ABANDONED;
+	    (reaped = wait_all(blk)) < 0)
+		return stop_for(reaped);
 	slot->head = chain->head;
 	slot->niov = 0;
 	f->count++;
-	if (start(blk, slot, index) < 0)
-		return PYL_BLK_ABANDONED;
+	reaped = start(blk, slot, index);
+	if (reaped < 0)
+		return stop_for(reaped);
 	return -1;
 }
 
 /*
  * Serve the ring until it is empty, `limit` requests were pushed (0: no
- * limit), a rule is broken, or a reset or stop abandons the requests in
- * flight.  Requests taken before a broken one are still served.
+ * limit), a rule is broken, a reset or stop abandons the requests in
+ * flight, or io_uring fails.  Requests taken before a broken one are
+ * still served.
  */
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain,
 		  struct pyl_blk *blk, uint32_t limit,
 		  struct pyl_blk_outcome *out)
 {
 	struct pyl_blk_inflight *f = blk->inflight;
-	int stop = -1;
+	int stop = -1, reaped = 0;
 
 	memset(out, 0, sizeof(*out));
 	for (;;) {
@@ -744,10 +773,13 @@ int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain,
 			else
 				stop = take(vq, chain, blk, out);
 		}
-		if (stop == PYL_BLK_ABANDONED ||
-		    reap(blk, f->count && !f->slot[f->first].done) < 0) {
+		if (stop != PYL_BLK_ABANDONED && stop != PYL_BLK_HOST_FAULT)
+			reaped = reap(blk, f->count && !f->slot[f->first].done);
+		if (stop == PYL_BLK_ABANDONED || stop == PYL_BLK_HOST_FAULT ||
+		    reaped < 0) {
 			settle(blk);
-			return out->stop = PYL_BLK_ABANDONED;
+			out->error = f->error;
+			return out->stop = reaped < 0 ? stop_for(reaped) : stop;
 		}
 		publish(vq, blk, out);
 		if (stop >= 0 && f->count == 0)

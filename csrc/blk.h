@@ -34,6 +34,7 @@ enum pyl_blk_stop {
 	PYL_BLK_RING_FAULT,		/* a ring rule: vq->fault says which */
 	PYL_BLK_REQUEST_FAULT,		/* no status byte, or no header */
 	PYL_BLK_ABANDONED,		/* a reset or stop is waiting */
+	PYL_BLK_HOST_FAULT,		/* io_uring failed: out->error says how */
 };
 
 /* The block rules a request can break without being answerable. */
@@ -56,6 +57,7 @@ struct pyl_blk_outcome {
 	int rule;			/* for PYL_BLK_REQUEST_FAULT */
 	uint16_t head;
 	uint64_t readable_len;
+	int error;			/* for PYL_BLK_HOST_FAULT: an errno */
 	struct pyl_blk_request last;	/* the last request pushed */
 };
 

@@ -78,11 +78,11 @@ struct pyl_blk {
     ...;
 };
 enum pyl_blk_stop { PYL_BLK_EMPTY, PYL_BLK_LIMIT, PYL_BLK_RING_FAULT,
-                    PYL_BLK_REQUEST_FAULT, PYL_BLK_ABANDONED, ... };
+                    PYL_BLK_REQUEST_FAULT, PYL_BLK_ABANDONED, PYL_BLK_HOST_FAULT, ... };
 enum pyl_blk_rule { PYL_BLK_RULE_STATUS, PYL_BLK_RULE_HEADER, ... };
 struct pyl_blk_request { uint32_t type; uint64_t sector; uint64_t data_len; uint8_t status; };
 struct pyl_blk_outcome {
-    int stop; uint32_t pushed; int rule; uint16_t head; uint64_t readable_len;
+    int stop; uint32_t pushed; int rule; uint16_t head; uint64_t readable_len; int error;
     struct pyl_blk_request last;
 };
 int pyl_blk_start(struct pyl_blk *blk, int use_io_uring);

@@ -178,6 +178,53 @@ static int64_t read_frame(struct pyl_net *net, const struct pyl_chain *chain)
 }
 
 /*
+ * The next frame into the next receive buffer: -1 once the buffer is
+ * taken and *received is the frame's length (0: the buffer goes back
+ * empty), or why receiving stops.
+ */
+static int next_frame(struct pyl_vq *vq, struct pyl_chain *chain,
+		      struct pyl_net *net, struct pyl_net_outcome *out,
+		      int64_t *received)
+{
+	int got = pyl_vq_peek(vq, chain);
+
+	if (got > 0 && chain->writable_len >= PYL_VNET_HDR_SIZE) {
+		/* The common case: read straight into the peeked buffer. */
+		if (abandoned(net))
+			return PYL_NET_ABANDONED;
+		*received = read_frame(net, chain);
+		if (*received < 0)
+			return PYL_NET_TAP_EMPTY;
+		pyl_vq_consume(vq);
+		return -1;
+	}
+	/*
+	 * No buffer, a broken one, or one too small for the header: each
+	 * matters only if a frame is waiting for it.
+	 */
+	if (!tap_has_frame(net->tap))
+		return PYL_NET_TAP_EMPTY;
+	if (got > 0) {
+		pyl_vq_consume(vq);	/* a frame for a buffer too small */
+	} else {
+		got = pyl_vq_pop_with_notify(vq, chain);
+		if (got < 0)
+			return PYL_NET_RING_FAULT;
+		if (got == 0)
+			return PYL_NET_STARVED;
+	}
+	/* Taken by pop_with_notify or consume, with a frame waiting. */
+	if (abandoned(net))
+		return PYL_NET_ABANDONED;
+	if (room_fault(chain, out))
+		return out->stop;
+	*received = read_frame(net, chain);
+	if (*received < 0)		/* cannot be: the frame waits */
+		*received = 0;
+	return -1;
+}
+
+/*
  * Move frames from the tap into posted receive buffers while there are
  * both.  Only one thread at a time gets here (the device's lock), and a
  * buffer is taken only for a frame: we look at the next buffer (peek),
@@ -194,42 +241,10 @@ int pyl_net_receive(struct pyl_vq *vq, struct pyl_chain *chain,
 	out->pushed = 0;
 	for (;;) {
 		int64_t received;
-		int got = pyl_vq_peek(vq, chain);
+		int stop = next_frame(vq, chain, net, out, &received);
 
-		if (got <= 0) {
-			/*
-			 * No buffer, or a broken one: it matters only if a
-			 * frame is waiting for it.
-			 */
-			if (!tap_has_frame(net->tap))
-				return out->stop = PYL_NET_TAP_EMPTY;
-			got = pyl_vq_pop_with_notify(vq, chain);
-			if (got < 0)
-				return out->stop = PYL_NET_RING_FAULT;
-			if (got == 0)
-				return out->stop = PYL_NET_STARVED;
-		} else if (chain->writable_len >= PYL_VNET_HDR_SIZE) {
-			if (abandoned(net))
-				return out->stop = PYL_NET_ABANDONED;
-			received = read_frame(net, chain);
-			if (received < 0)
-				return out->stop = PYL_NET_TAP_EMPTY;
-			pyl_vq_consume(vq);
-			goto push;
-		} else if (tap_has_frame(net->tap)) {
-			pyl_vq_consume(vq);	/* a frame for a buffer too small */
-		} else {
-			return out->stop = PYL_NET_TAP_EMPTY;
-		}
-		/* Taken by pop_with_notify or consume, with a frame waiting. */
-		if (abandoned(net))
-			return out->stop = PYL_NET_ABANDONED;
-		if (room_fault(chain, out))
-			return out->stop;
-		received = read_frame(net, chain);
-		if (received < 0)		/* cannot be: the frame waits */
-			received = 0;
-push:
+		if (stop >= 0)
+			return out->stop = stop;
 		net->received += received > 0;
 		pyl_vq_push(vq, chain->head, received);
 		out->pushed++;

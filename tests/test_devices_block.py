@@ -193,6 +193,40 @@ def test_requests_are_in_flight_together(memory, image):
         rig.device.close()
 
 
+def io_uring_fds():
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[io_uring]":
+                found.add(int(name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.timeout(20, method="thread")   # a spin in C never returns to Python
+def test_a_failing_io_uring_breaks_the_device_instead_of_spinning(memory, image):
+    """A hard io_uring error is not "nothing completed yet": the device is
+    marked broken, saying so, and the kick returns (the suite's timeout
+    catches a spin).  The ring is broken by putting /dev/null at its fd."""
+    before = io_uring_fds()
+    rig = direct_rig(memory, image)
+    try:
+        (ring_fd,) = io_uring_fds() - before
+        hdr, data, status = rig.buffer(header(T_IN, 0))[0], aligned(rig, size=512), \
+            rig.buffer(size=1, fill=0xEE)[0]
+        post(rig, [(hdr, 16, False), (data, 512, True), (status, 1, True)])
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, ring_fd)
+        os.close(null)
+        rig.device.service(0)
+        assert rig.device.state.name == "BROKEN"
+        assert "io_uring failed" in rig.device.broken
+        assert rig.rings[0].used_idx == 0            # nothing published
+    finally:
+        rig.device.close()
+
+
 def test_without_io_uring_requests_go_one_at_a_time(memory, image):
     device = BlockDevice("block0", str(image), io_uring=False)
     rig = DeviceRig(device, memory, [PFN], DATA_AREA)

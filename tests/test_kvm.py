@@ -258,3 +258,34 @@ def test_the_kvm_paravirt_leaves_are_kept_for_kvmclock(kvm_available, tmp_path, 
     cx16 = leaves[(1, 0)].ecx >> 13 & 1           # hidden only where KVM emulates
     assert cx16 == (0 if emulating else supported[(1, 0)].ecx >> 13 & 1)
     assert leaves[(1, 0)].ecx >> 31 & 1           # "running under a hypervisor"
+
+
+def _is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_vm_that_cannot_be_set_up_closes_its_fd(monkeypatch):
+    """Vm takes KVM_CREATE_VM's fd: if its setup fails, nothing else could close it."""
+    from pylguest.kvm import vm as vm_module
+
+    def refuse(fd, name, *args):
+        raise OSError(22, f"{name} refused")
+    monkeypatch.setattr(vm_module, "ioctl", refuse)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(OSError, match="KVM_SET_TSS_ADDR"):
+        vm_module.Vm(None, fd)
+    assert not _is_open(fd)
+
+
+def test_a_vcpu_whose_kvm_run_cannot_be_mapped_closes_its_fd():
+    """Vcpu takes KVM_CREATE_VCPU's fd: /dev/null cannot be mmapped."""
+    from pylguest.kvm.vcpu import Vcpu
+    vm = SimpleNamespace(kvm=SimpleNamespace(vcpu_mmap_size=lambda: 4096))
+    fd = os.open(os.devnull, os.O_RDWR)
+    with pytest.raises(OSError):
+        Vcpu(vm, fd)
+    assert not _is_open(fd)

@@ -93,3 +93,24 @@ def test_a_notify_flood_gives_a_few_lines_and_a_count(kvm_available):
     assert all(line.startswith("pylguest: guest error: ") for line in lines)
     assert "LHCALL_NOTIFY(0x7ff000000000)" in lines[0]
     assert lines[-1].endswith("(20000 in all)")
+
+
+def test_unlimited_every_report_goes_out():
+    lines, clock = [], Clock()
+    log = GuestErrorLog(write=lines.append, clock=clock, limited=False)
+    for i in range(100):
+        log.report(f"mistake {i}")
+    log.close()
+    assert lines == [f"pylguest: guest error: mistake {i}" for i in range(100)]
+
+
+def test_with_trace_every_guest_error_is_shown(kvm_available):
+    """--trace is for someone tracing a driver under development: none is held back."""
+    result = subprocess.run([sys.executable, "-m", "pylguest", "run", str(guest_path("hostile")),
+                             "--cmdline", "do=notify count=50", "--timeout", "60", "--trace"],
+                            capture_output=True, text=True, timeout=90, cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT / "launcher")})
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("pylguest: guest error: ")]
+    assert len(errors) == 50 and "more not shown" not in result.stderr

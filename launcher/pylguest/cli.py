@@ -46,13 +46,14 @@ MAX_TIMEOUT = threading.TIMEOUT_MAX
 
 
 def parse_timeout(text):
-    """A positive, finite number of seconds: not '', not inf, not nan."""
+    """A number of seconds in (0, MAX_TIMEOUT]: not '', not inf, not nan."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
-        raise UsageError(f"bad --timeout {text!r}: give a positive, finite number of seconds")
+    if not 0 < seconds <= MAX_TIMEOUT:            # nan compares false: refused too
+        raise UsageError(f"bad --timeout {text!r}: give a number of seconds above 0 and at "
+                         f"most {MAX_TIMEOUT:.0f} (about {MAX_TIMEOUT / 3.156e7:.0f} years)")
     return seconds
 
 

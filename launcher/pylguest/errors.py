@@ -76,6 +76,12 @@ class GuestError(PylguestError):
         return self.rule.section if self.rule is not None else None
 
 
+class HostIOError(PylguestError):
+    """The host's own machinery for a device failed (io_uring refusing to
+    run, say): not the guest's doing, but the device cannot go on, so it
+    is marked broken as for a guest's mistake, and the launcher runs on."""
+
+
 class KvmError(PylguestError):
     """A KVM ioctl failed, or KVM lacks something the launcher needs.
 

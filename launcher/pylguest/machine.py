@@ -141,9 +141,11 @@ class Machine:
         self.kvm.require_capabilities()
         self.kvm_kind = detect_kvm_kind()
         self.console = ConsoleOutput(CONSOLE_FD, stopping=self.stopping)
-        # Guest errors are rate-limited; console output written before one
-        # is shown first (briefly: a stuck terminal must not stall us).
-        self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1))
+        # Guest errors are rate-limited, except in a --trace run; console
+        # output written before one is shown first (briefly: a stuck
+        # terminal must not stall us).
+        self.guest_errors = GuestErrorLog(before_write=lambda: self.console.flush(timeout=0.1),
+                                          limited=not self.config.trace)
 
     # -- or all of it from a snapshot ---------------------------------------
 

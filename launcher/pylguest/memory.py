@@ -106,9 +106,29 @@ class GuestMemory:
             fd = -1
         self.fd = fd                    # the memfd, for a vhost-user daemon; -1 if private
         self._bytes = None              # the numpy uint8 array, on first use
+        self._c_memory = None           # the data plane's view, on first use
         address = ffi.from_buffer(self._map)
         self.host_address = int(ffi.cast("uintptr_t", address))
         ffi.release(address)            # no export left: close() can unmap
+
+    @property
+    def c_memory(self):
+        """The data plane's view of this memory (struct pyl_memory,
+        csrc/virtq.h): each region and where it lives in our address space,
+        which the C request loops check every guest address against.  Made
+        on first use: a guest without devices never loads the data plane."""
+        if self._c_memory is None:
+            from pylguest._dataplane import ffi as dp_ffi, lib as dp_lib
+            if len(self.regions) > dp_lib.PYL_MAX_REGIONS:
+                raise ValueError(f"{len(self.regions)} memory regions; "
+                                 f"the data plane takes {dp_lib.PYL_MAX_REGIONS}")
+            c = dp_ffi.new("struct pyl_memory *")
+            c.nregions = len(self.regions)
+            for slot, region in zip(c.region, self.regions):
+                slot.gpa, slot.size = region.gpa, region.size
+                slot.host = dp_ffi.cast("uint8_t *", self.host_address + region.host_offset)
+            self._c_memory = c
+        return self._c_memory
 
     MADV_POPULATE_READ = 22          # Linux 5.14: fault pages in, read-only
 

@@ -44,15 +44,18 @@ class GuestErrorLog:
     `BURST` reports go out at once; after that one more a second.  A report
     that finds the bucket empty is counted, and the next one that goes out
     says how many were held back.  Thread-safe: the vCPU thread and every
-    queue worker report here.
+    queue worker report here.  With `limited=False` (a --trace run, which
+    is already a line per event, for someone tracing a driver under
+    development) every report goes out.
     """
 
     BURST = 5
     PER_SECOND = 1.0
     PREFIX = "pylguest: guest error: "
 
-    def __init__(self, write=say, clock=time.monotonic, before_write=None):
+    def __init__(self, write=say, clock=time.monotonic, before_write=None, limited=True):
         self._write = write
+        self._limited = limited
         self._clock = clock
         self._before_write = before_write   # e.g. flush the console first, for order
         self._lock = threading.Lock()
@@ -67,10 +70,10 @@ class GuestErrorLog:
             now = self._clock()
             self._tokens = min(self.BURST, self._tokens + (now - self._last) * self.PER_SECOND)
             self._last = now
-            if self._tokens < 1:
+            if self._tokens < 1 and self._limited:
                 self.held_back += 1
                 return
-            self._tokens -= 1
+            self._tokens = max(self._tokens - 1, 0.0)
             held, self.held_back = self.held_back, 0
         if self._before_write is not None:
             self._before_write()

@@ -30,7 +30,7 @@ import os
 import struct
 
 from pylguest._dataplane import ffi, lib
-from pylguest.errors import GuestError, Rule, UsageError
+from pylguest.errors import GuestError, HostIOError, Rule, UsageError
 from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import RequestAbandoned, VirtioDevice
 
@@ -179,6 +179,9 @@ class BlockDevice(VirtioDevice):
             raise _request_error(vq.name, out)
         if out.stop == lib.PYL_BLK_ABANDONED:
             raise RequestAbandoned(self.name)
+        if out.stop == lib.PYL_BLK_HOST_FAULT:
+            raise HostIOError(f"{vq.name}: io_uring failed: {os.strerror(out.error)} "
+                              f"(errno {out.error}); the requests in flight are lost")
         return pushed
 
     @property

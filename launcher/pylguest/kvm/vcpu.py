@@ -20,11 +20,18 @@ class Vcpu:
     """A vCPU file descriptor and its shared kvm_run page."""
 
     def __init__(self, vm, fd):
+        """Takes `fd` (from KVM_CREATE_VCPU): closed here if mapping its
+        kvm_run fails, since no caller holds a Vcpu to close then."""
         self.vm = vm
         self.fd = fd
-        size = vm.kvm.vcpu_mmap_size()
-        self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            size = vm.kvm.vcpu_mmap_size()
+            self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
         self._run_view = memoryview(self._run_map)
         self.kvm_run = ffi.cast("struct kvm_run *", ffi.from_buffer(self._run_map))
 

@@ -17,11 +17,17 @@ class Vm:
     """A VM file descriptor, created by Kvm.create_vm()."""
 
     def __init__(self, kvm, fd):
+        """Takes `fd` (from KVM_CREATE_VM): closed here if setting it up fails,
+        since no caller holds a Vm to close then."""
         self.kvm = kvm
         self.fd = fd
-        ioctl(self.fd, "KVM_SET_TSS_ADDR", TSS_ADDR)
-        identity = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
-        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", identity)
+        try:
+            ioctl(self.fd, "KVM_SET_TSS_ADDR", TSS_ADDR)
+            identity = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
+            ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", identity)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         if self.fd >= 0:

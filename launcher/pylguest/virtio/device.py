@@ -45,7 +45,7 @@ import threading
 from typing import Callable, NamedTuple, Optional
 
 from pylguest._dataplane import ffi
-from pylguest.errors import GuestError
+from pylguest.errors import GuestError, HostIOError
 from pylguest.memory import GuestMemory
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                                    Virtqueue, VirtqueueError)
@@ -212,6 +212,8 @@ class VirtioDevice(abc.ABC):
                 # their interrupt.
                 if vq.needs_interrupt():
                     self.raise_interrupt(index)
+            except HostIOError as e:
+                self.mark_broken(str(e))
             except RequestAbandoned:
                 pass               # a reset or close is waiting for our lock
 
@@ -221,7 +223,8 @@ class VirtioDevice(abc.ABC):
         self.interrupt()
 
     def mark_broken(self, message: str) -> None:
-        """The guest broke a rule: say so, and serve nothing until a reset."""
+        """The guest broke a rule (or the host failed the device's I/O:
+        HostIOError): say so, and serve nothing until a reset."""
         self.state = DeviceState.BROKEN
         self.broken = message
         self.report(f"{message}: device {self.name} marked broken until the guest resets it")

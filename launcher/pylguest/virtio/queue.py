@@ -177,23 +177,6 @@ _RULES = {getattr(lib, "PYL_RULE_" + rule.name): rule for rule in RingRule}
 _new_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
 
 
-def c_memory(memory):
-    """The C view of `memory` (struct pyl_memory): its regions, and where
-    each lives in our address space.  Made once per GuestMemory."""
-    c = getattr(memory, "_c_regions", None)
-    if c is None:
-        if len(memory.regions) > lib.PYL_MAX_REGIONS:
-            raise ValueError(f"{len(memory.regions)} memory regions; "
-                             f"the data plane takes {lib.PYL_MAX_REGIONS}")
-        c = ffi.new("struct pyl_memory *")
-        c.nregions = len(memory.regions)
-        for slot, region in zip(c.region, memory.regions):
-            slot.gpa, slot.size = region.gpa, region.size
-            slot.host = ffi.cast("uint8_t *", memory.host_address + region.host_offset)
-        memory._c_regions = c
-    return c
-
-
 class Virtqueue:
     """The device side of one legacy split virtqueue in guest memory: a
     struct pyl_vq (`c`) and the chain buffer its walks fill in (`c_chain`),
@@ -205,7 +188,7 @@ class Virtqueue:
         self.event_idx = event_idx       # VIRTIO_RING_F_EVENT_IDX accepted
         self.indirect = indirect         # VIRTIO_RING_F_INDIRECT_DESC accepted
         self.num, self.pfn, self.gpa = num, pfn, None
-        self._memory_c = c_memory(memory)
+        self._memory_c = memory.c_memory
         self.c = ffi.new("struct pyl_vq *")
         if not (isinstance(num, int) and 0 <= num < 1 << 32):
             self.c.fault.rule = lib.PYL_RULE_QUEUE_SIZE   # not even a u32
