@@ -35,7 +35,6 @@
 
 #define SECTOR_SIZE		512
 #define HEADER_SIZE		16
-#define BLK_IOV_MAX		1024	/* Linux's UIO_MAXIOV */
 
 #define VIRTIO_BLK_T_IN		0
 #define VIRTIO_BLK_T_OUT	1
@@ -240,14 +239,14 @@ static void span_advance(struct span *s, uint64_t n)
 static int64_t transfer(struct pyl_blk *blk, const struct request *req,
 			int write, uint64_t from)
 {
-	struct iovec iov[BLK_IOV_MAX];
+	struct iovec iov[PYL_BLK_IOV_MAX];
 	uint64_t offset = req->sector * SECTOR_SIZE, done = from;
 	struct span s = req->data;
 	int niov;
 
 	span_advance(&s, from);
 	for (;;) {
-		uint64_t size = next_batch(&s, iov, BLK_IOV_MAX, &niov), moved;
+		uint64_t size = next_batch(&s, iov, PYL_BLK_IOV_MAX, &niov), moved;
 
 		if (size == 0)
 			return done;

@@ -8,6 +8,7 @@
 
 #define PYL_BLK_ID_BYTES	20
 #define PYL_BLK_IO_CHUNK	(1 << 20)	/* bytes per system call at most */
+#define PYL_BLK_IOV_MAX		1024		/* buffers per call: Linux's UIO_MAXIOV */
 
 struct pyl_blk_inflight;		/* blk.c's: the requests in flight */
 

@@ -55,7 +55,7 @@ VIRTIO_BLK_F_FLUSH = 9
 HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
 QUEUE_SIZE = 128
 IO_CHUNK = lib.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
-IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv/pwritev (1024 on Linux, blk.c's too)
+IOV_MAX = lib.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
 
 
 class RequestType(enum.IntEnum):
