@@ -19,7 +19,7 @@ from virtio_rig import MEM_SIZE, DeviceRig, EarlyConsole, FakeVm, new_memory
 
 from pylguest import stop
 from pylguest.lguest import device_page
-from pylguest.lguest.bus import IRQ_POOL, LguestBus, status_text
+from pylguest.lguest.bus import IRQ_POOL, BusRule, LguestBus, status_text
 from pylguest.lguest.hypercall import HypercallPage
 from pylguest.devices.block import BlockDevice
 from pylguest.devices.rng import RngDevice
@@ -251,6 +251,7 @@ def test_unoffered_feature_is_refused(guest):
     guest.start("block0", F_BLK_FLUSH | 1 << 1)                 # bit 1 was never offered
     assert not entry.device.active and guest.block.queues == []
     assert guest.block.broken and "0x2" in guest.block.broken
+    assert guest.block.fault.rule is BusRule.FEATURES and guest.block.fault.rule.section == "2.2.1"
     assert any("never offered" in r and "block0" in r for r in guest.reports)
     guest.kick("block0")                                        # a kick does not start it
     assert not entry.device.active

@@ -484,6 +484,11 @@ def test_unanswerable_request_breaks_the_device(rig, case):
     (report,) = rig.reports
     assert report.startswith("block0/requests: "), report
     assert "block0 marked broken" in report
+    # The error itself is kept, through mark_broken and into the report.
+    fault = rig.device.fault
+    assert isinstance(fault, BlockRequestError) and fault.rule is UNANSWERABLE[case][1]
+    assert (fault.queue, fault.head) == ("block0/requests", 0)
+    assert report.error is fault and report.device == "block0"
     # A broken device serves nothing until the guest resets it.
     serve(rig, [(header(T_IN), False), (512, True), (1, True)])
     assert rig.rings[0].used_idx == 0

@@ -38,6 +38,19 @@ def say(text: str) -> None:
         view = view[written:]
 
 
+class BrokenReport(str):
+    """The line a device's breaking reports ("block0/requests: ...: device
+    block0 marked broken until the guest resets it"), which also keeps
+    what broke it: `device` (its name) and `error` (the GuestError or
+    HostIOError, with its rule, queue and head)."""
+
+    def __new__(cls, device, error):
+        line = super().__new__(
+            cls, f"{error}: device {device} marked broken until the guest resets it")
+        line.device, line.error = device, error
+        return line
+
+
 class GuestErrorLog:
     """Rate-limited reports of a guest's mistakes (a token bucket).
 

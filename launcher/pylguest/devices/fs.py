@@ -44,7 +44,7 @@ import tempfile
 from typing import NamedTuple
 
 from pylguest.daemon import Daemon, DaemonError, find_program
-from pylguest.errors import UsageError
+from pylguest.errors import HostIOError, UsageError
 from pylguest.vhost_user import (VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, Frontend,
                                  VhostUserError)
 from pylguest.virtio.device import RING_FEATURES, QueueWorker, VirtioDevice
@@ -259,7 +259,7 @@ class FsDevice(VirtioDevice):
                                           self.kick_fds[index], self.irq_fd)
                 self.started.append(index)
         except (VhostUserError, ValueError) as e:
-            self.mark_broken(f"{self.name}: {e}")
+            self.mark_broken(HostIOError(f"{self.name}: {e}"))
             return
         if self.trace:
             self.trace(f"vhost-user {self.name}: {self.label} (pid {self.daemon.pid}) "

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Protocol
 from pylguest import layout
 from pylguest.lguest import device_page
 from pylguest.lguest.device_page import VqConfig
-from pylguest.errors import UsageError
+from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.memory import PAGE_SIZE, GuestMemory
 from pylguest.stop import Stop, StopRequest
 from pylguest.virtio.device import (STATUS_DRIVER_OK, STATUS_FAILED, DeviceContext, DeviceState,
@@ -39,6 +39,12 @@ from pylguest.virtio.queue import vring_size
 IRQ_POOL = (5, 9, 10, 11, 12, 14, 15, 6, 7)
 
 STATUS_NAMES = ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (0x80, "FAILED"))
+
+
+class BusRule(Rule):
+    """The transport's own rule a driver can break (virtio 2.2.1: a driver
+    accepts only features the device offered)."""
+    FEATURES = "unoffered features", "2.2.1"
 
 
 def status_text(status):
@@ -225,8 +231,9 @@ class LguestBus:
         features = self._guest_features(entry)
         unoffered = features & ~slot.host_features
         if unoffered:
-            device.mark_broken(f"{device.name}: the guest accepted features 0x{unoffered:x} "
-                               "that were never offered")
+            device.mark_broken(GuestError(
+                f"{device.name}: the guest accepted features 0x{unoffered:x} that were never "
+                "offered", rule=BusRule.FEATURES, queue=device.name))
             return
         # The rings are where the plan put them: the guest's copy of the
         # vq config in the page is never read back.

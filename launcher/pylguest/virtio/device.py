@@ -23,8 +23,9 @@ the device's interrupt through its irqfd, so it never needs the vCPU either.
 
 Anything a guest gets wrong in a queue raises a GuestError (a ring rule or
 a device's own protocol rule); service() catches it at one place, marks the
-device broken with a message naming the device and queue, and stops serving
-it.  The guest can reset the device to bring it back; the rest of the
+device broken with it, and stops serving it.  The error object is kept,
+not just its words (`fault`: its `rule`, queue and head; the report line
+carries it too), so whoever decides policy, or tests it, sees which rule.  The guest can reset the device to bring it back; the rest of the
 machine never notices.
 
 A request in flight can be abandoned.  A guest's reset, and the end of the
@@ -45,7 +46,8 @@ import threading
 from typing import Callable, NamedTuple, Optional
 
 from pylguest._dataplane import ffi
-from pylguest.errors import GuestError, HostIOError
+from pylguest.errors import GuestError, HostIOError, PylguestError
+from pylguest.report import BrokenReport
 from pylguest.memory import GuestMemory
 from pylguest.virtio.queue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                                    Virtqueue, VirtqueueError)
@@ -114,7 +116,8 @@ class VirtioDevice(abc.ABC):
     def __init__(self, name):
         self.name = name
         self.state = DeviceState.RESET
-        self.broken = None            # why, while the state is BROKEN
+        self.broken = None            # why, in words, while the state is BROKEN
+        self.fault = None             # the error that broke it (GuestError, HostIOError)
         self.queues = []
         self.guest_features = 0
         self.memory = None            # from the DeviceContext, at attach()
@@ -155,7 +158,7 @@ class VirtioDevice(abc.ABC):
                                 indirect=bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1))
                       for i, (num, pfn) in enumerate(rings)]
         except VirtqueueError as e:
-            self.mark_broken(str(e))
+            self.mark_broken(e)
             return
         self.queues = queues
         self.guest_features = guest_features
@@ -165,7 +168,7 @@ class VirtioDevice(abc.ABC):
         """Forget the rings and the features; a broken device works again."""
         self.queues = []
         self.guest_features = 0
-        self.broken = None
+        self.broken = self.fault = None
         self.state = DeviceState.RESET
 
     @property
@@ -207,13 +210,13 @@ class VirtioDevice(abc.ABC):
                 if self.process(index, vq) and vq.needs_interrupt():
                     self.raise_interrupt(index)
             except GuestError as e:
-                self.mark_broken(str(e))
+                self.mark_broken(e)
                 # Requests completed before the bad one still deserve
                 # their interrupt.
                 if vq.needs_interrupt():
                     self.raise_interrupt(index)
             except HostIOError as e:
-                self.mark_broken(str(e))
+                self.mark_broken(e)
             except RequestAbandoned:
                 pass               # a reset or close is waiting for our lock
 
@@ -222,12 +225,13 @@ class VirtioDevice(abc.ABC):
             self.trace(f"irq   {self.queue_label(index)}")
         self.interrupt()
 
-    def mark_broken(self, message: str) -> None:
-        """The guest broke a rule (or the host failed the device's I/O:
-        HostIOError): say so, and serve nothing until a reset."""
+    def mark_broken(self, error: PylguestError) -> None:
+        """The guest broke a rule (a GuestError), or the host failed the
+        device's I/O (HostIOError): keep the error, say so, and serve
+        nothing until a reset."""
         self.state = DeviceState.BROKEN
-        self.broken = message
-        self.report(f"{message}: device {self.name} marked broken until the guest resets it")
+        self.fault, self.broken = error, str(error)
+        self.report(BrokenReport(self.name, error))
 
     # -- snapshots (snapshot/take.py and restore.py) --------------------------
 
@@ -260,7 +264,9 @@ class VirtioDevice(abc.ABC):
                 for vq, position in zip(self.queues, saved["queues"]):
                     vq.set_position(position)
             if saved["state"] == "broken":
+                # A manifest keeps the words only: the rule is not re-derived.
                 self.state, self.broken = DeviceState.BROKEN, saved["broken"] or "broken"
+                self.fault = GuestError(self.broken)
             elif saved["state"] == "reset" and self.queues:
                 self.reset()
 
