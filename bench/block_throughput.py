@@ -5,7 +5,7 @@ The shapes: 64 KiB sequential reads, 4 KiB random reads, 64 KiB
 sequential writes, 4 KiB random writes.  Both sides issue the same
 requests (the same offsets, in the same order; random offsets come from a
 fixed seed) to the same file: plain side with os.preadv/os.pwritev and one
-buffer, ring side through a BlockDevice, with virtio.testing.RingBuilder
+buffer, ring side through a BlockDevice, with tests/ring_builder.py's RingBuilder
 playing the guest driver (guest kernel code is emulated on some of our
 machines, far too slow to drive a disk).  The stand-in driver fills the
 ring with up to NUM // 3 requests (three descriptors each: header, data,
@@ -28,15 +28,19 @@ O_DIRECT needs), which measures the disk instead.
 import argparse
 import mmap
 import os
+import sys
 import tempfile
 import time
+
+# The tests' mock guest driver (tests/ring_builder.py) plays the guest here.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import numpy as np
 
 from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
-from pylguest.virtio.testing import RingBuilder
+from ring_builder import RingBuilder
 
 QUEUE_PFN = 0x10                  # ring at 64 KiB; headers, statuses, data above it
 NUM = 128                         # the block device's queue size

@@ -18,7 +18,7 @@ posted receive buffers (virtio_net_hdr, then room for 1514 bytes: two
 descriptors) in one service() of receiveq.  Plain: os.readv of the same
 batch from the same tap fd into one buffer, until EAGAIN.
 
-As in block_throughput.py, virtio.testing.RingBuilder plays the guest
+As in block_throughput.py, tests/ring_builder.py's RingBuilder plays the guest
 driver and only service() is timed (the device's receive thread is not
 started: service() is what it would call); injecting frames and filling
 the rings are not counted on either side.  The frames use an IEEE local
@@ -48,6 +48,9 @@ import struct
 import sys
 import time
 
+# The tests' mock guest driver (tests/ring_builder.py) plays the guest here.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 NUM = 256                          # the net device's queue size
 BATCH = NUM // 2                   # chains per service(): 2 descriptors each
 PFNS = (0x10, 0x20)                # receiveq, transmitq; buffers from 1 MiB up
@@ -73,7 +76,7 @@ class Bench:
         from pylguest.devices.net import NetDevice
         from pylguest.memory import GuestMemory, Region
         from pylguest.virtio.device import DeviceContext
-        from pylguest.virtio.testing import RingBuilder
+        from ring_builder import RingBuilder
         self.memory = GuestMemory([Region(0, 8 << 20, 0)])
         if stream_fd is None:
             self.device = NetDevice("net0", tap, MAC)
@@ -353,7 +356,7 @@ def main():
 def tap_bench(sizes, frames, repeat):
     """The tap rows, and the tap's name; no rows where the tap cannot be made."""
     from pylguest.errors import UsageError
-    from pylguest.virtio.testing import interface_up
+    from ring_builder import interface_up
     tap = f"pylb{os.getpid()}"[:15]
     try:
         bench = Bench(tap)

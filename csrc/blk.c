@@ -386,7 +386,7 @@ static int stop_for(int reaped)
 }
 
 /* Once, when the device opens its image; 1 with io_uring, 0 without. */
-int pyl_blk_start(struct pyl_blk *blk, int use_io_uring)
+int pyl_blk_open(struct pyl_blk *blk, int use_io_uring)
 {
 	struct pyl_blk_inflight *f = calloc(1, sizeof(*f));
 
@@ -399,7 +399,7 @@ int pyl_blk_start(struct pyl_blk *blk, int use_io_uring)
 	return f->have_ring;
 }
 
-void pyl_blk_stop(struct pyl_blk *blk)
+void pyl_blk_close(struct pyl_blk *blk)
 {
 	struct pyl_blk_inflight *f = blk->inflight;
 

@@ -62,8 +62,8 @@ struct pyl_blk_outcome {
 	struct pyl_blk_request last;	/* the last request pushed */
 };
 
-int pyl_blk_start(struct pyl_blk *blk, int use_io_uring);
-void pyl_blk_stop(struct pyl_blk *blk);
+int pyl_blk_open(struct pyl_blk *blk, int use_io_uring);
+void pyl_blk_close(struct pyl_blk *blk);
 int pyl_blk_drain(struct pyl_vq *vq, struct pyl_chain *chain,
 		  struct pyl_blk *blk, uint32_t limit,
 		  struct pyl_blk_outcome *out);

@@ -22,7 +22,7 @@ from pylguest.devices.net import NetDevice
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, vring_size
-from pylguest.virtio.testing import RingBuilder, link_table
+from ring_builder import RingBuilder, link_table
 
 MEM = 64 << 20
 COPIES = 16

@@ -25,7 +25,7 @@ from pylguest.devices.block import BlockDevice
 from pylguest.devices.rng import RngDevice
 from pylguest.virtio.device import VirtioDevice
 from pylguest.virtio.queue import DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, vring_size
-from pylguest.virtio.testing import DESC_DTYPE, RingBuilder, fill_pattern, link_table
+from ring_builder import DESC_DTYPE, RingBuilder, fill_pattern, link_table
 
 RAM_TOP = 0x40000                     # the device page; rings from pfn 0x41
 ACK, DRIVER, DRIVER_OK, FAILED = 1, 2, 4, 0x80

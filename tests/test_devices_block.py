@@ -20,7 +20,7 @@ from pylguest.devices import block
 from pylguest.devices.block import BlockDevice, BlockRequestError, BlockRule
 from pylguest.errors import GuestError, UsageError
 from pylguest.virtio.queue import VirtqueueError
-from pylguest.virtio.testing import fill_pattern
+from ring_builder import fill_pattern
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8          # spec 5.2.6
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2

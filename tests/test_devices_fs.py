@@ -27,7 +27,7 @@ from pylguest.devices.fs import (FUSE_IN_HEADER, FUSE_OUT_HEADER, FsDevice, Shar
 from pylguest.errors import UsageError
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext, DeviceState
-from pylguest.virtio.testing import RingBuilder
+from ring_builder import RingBuilder
 from conftest import ROOT, alive, descendants, wait_until
 from virtio_rig import Allocator
 

@@ -21,7 +21,7 @@ from virtio_rig import DeviceRig
 from pylguest.devices import net
 from pylguest.devices.net import NetDevice, parse_mac
 from pylguest.errors import UsageError
-from pylguest.virtio.testing import interface_up
+from ring_builder import interface_up
 
 RECEIVEQ, TRANSMITQ = 0, 1
 PFNS = [0x10, 0x13]

@@ -5,7 +5,7 @@ from virtio_rig import DeviceRig
 
 from pylguest.devices import rng
 from pylguest.devices.rng import RngDevice
-from pylguest.virtio.testing import fill_pattern
+from ring_builder import fill_pattern
 
 PFN = 0x10
 DATA_AREA = (0x20000, 0xF0000)

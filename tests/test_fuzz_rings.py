@@ -57,7 +57,7 @@ from pylguest.devices.rng import RngDevice
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
-from pylguest.virtio.testing import DESC_DTYPE, RingBuilder
+from ring_builder import DESC_DTYPE, RingBuilder
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.usefixtures("peak_rss_bounded")]
 

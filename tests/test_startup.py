@@ -41,7 +41,6 @@ NOT_NEEDED = (
     "pylguest.devices.net",
     "pylguest.devices.rng",
     "pylguest.hostconsole.socket_console",
-    "pylguest.virtio.testing",
 )
 
 MARK = "-- modules --"

@@ -17,7 +17,7 @@ from pylguest.virtio.queue import (
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
     Buffer, DescriptorChain, RingRule, Virtqueue, VirtqueueError, vring_addresses,
     vring_size)
-from pylguest.virtio.testing import RingBuilder, fill_pattern, link_table, read_all
+from ring_builder import RingBuilder, fill_pattern, link_table, read_all
 
 NAME = "block0/requests"
 NUM = 8

@@ -13,7 +13,7 @@ from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import (DESC_SIZE, VIRTIO_RING_F_EVENT_IDX,
                                    VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
                                    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
-from pylguest.virtio.testing import RingBuilder
+from ring_builder import RingBuilder
 
 MEM_SIZE = 1 << 20
 

@@ -29,7 +29,8 @@ import fcntl
 import os
 import struct
 
-from pylguest._dataplane import ffi, lib
+from pylguest._dataplane import ffi
+from pylguest._dataplane import lib as dataplane
 from pylguest.errors import GuestError, HostIOError, Rule, UsageError
 from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import RequestAbandoned, VirtioDevice
@@ -54,8 +55,8 @@ VIRTIO_BLK_F_FLUSH = 9
 
 HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
 QUEUE_SIZE = 128
-IO_CHUNK = lib.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
-IOV_MAX = lib.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
+IO_CHUNK = dataplane.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
+IOV_MAX = dataplane.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
 
 
 class RequestType(enum.IntEnum):
@@ -142,7 +143,7 @@ class BlockDevice(VirtioDevice):
         ident = name.encode()[:VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._c.id, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"), VIRTIO_BLK_ID_BYTES)
         self._outcome = ffi.new("struct pyl_blk_outcome *")
-        started = lib.pyl_blk_start(self._c, io_uring)
+        started = dataplane.pyl_blk_open(self._c, io_uring)
         if started < 0:
             os.close(self.fd)
             raise MemoryError(f"{name}: no memory for its requests in flight")
@@ -166,20 +167,20 @@ class BlockDevice(VirtioDevice):
         out = self._outcome
         pushed = False
         while True:
-            lib.pyl_blk_drain(vq.c, vq.c_chain, self._c, limit, out)
+            dataplane.pyl_blk_drain(vq.c, vq.c_chain, self._c, limit, out)
             pushed = pushed or out.pushed > 0
             if out.pushed and self.trace:
                 self.trace(f"req   {vq.name}: {describe(out.last)} -> "
                            f"{Status(out.last.status).name}")
-            if out.stop != lib.PYL_BLK_LIMIT:
+            if out.stop != dataplane.PYL_BLK_LIMIT:
                 break
-        if out.stop == lib.PYL_BLK_RING_FAULT:
+        if out.stop == dataplane.PYL_BLK_RING_FAULT:
             raise vq.fault()
-        if out.stop == lib.PYL_BLK_REQUEST_FAULT:
+        if out.stop == dataplane.PYL_BLK_REQUEST_FAULT:
             raise _request_error(vq.name, out)
-        if out.stop == lib.PYL_BLK_ABANDONED:
+        if out.stop == dataplane.PYL_BLK_ABANDONED:
             raise RequestAbandoned(self.name)
-        if out.stop == lib.PYL_BLK_HOST_FAULT:
+        if out.stop == dataplane.PYL_BLK_HOST_FAULT:
             raise HostIOError(f"{vq.name}: io_uring failed: {os.strerror(out.error)} "
                               f"(errno {out.error}); the requests in flight are lost")
         return pushed
@@ -200,7 +201,7 @@ class BlockDevice(VirtioDevice):
 
     def close(self, timeout=5.0):
         if self.fd >= 0:
-            lib.pyl_blk_stop(self._c)
+            dataplane.pyl_blk_close(self._c)
             os.close(self.fd)
             self.fd = -1
         return True
@@ -229,7 +230,7 @@ def _request_type(code):
 def _request_error(queue, out):
     """The BlockRequestError for a request blk.c could not answer."""
     head = out.head
-    if out.rule == lib.PYL_BLK_RULE_STATUS:
+    if out.rule == dataplane.PYL_BLK_RULE_STATUS:
         return BlockRequestError(f"{queue}: request {head} has no status byte", head,
                                  rule=BlockRule.STATUS, queue=queue)
     return BlockRequestError(f"{queue}: request {head} has a {out.readable_len}-byte header, "

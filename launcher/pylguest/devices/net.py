@@ -53,7 +53,7 @@ import threading
 import time
 
 from pylguest import _dataplane
-from pylguest._kvm import lib
+from pylguest._kvm import lib as linux    # <linux/if_tun.h>'s constants, compiled into _kvm
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import oserror_text
 from pylguest.virtio.device import DeviceState, RequestAbandoned, VirtioDevice
@@ -99,18 +99,18 @@ def parse_mac(text):
 
 def open_tap(name):
     """Attach to tap interface `name` (creating it if it does not exist)."""
-    if not name or len(name.encode()) >= lib.IFNAMSIZ:
-        raise UsageError(f"--net tap:{name}: an interface name is 1 to {lib.IFNAMSIZ - 1} bytes")
+    if not name or len(name.encode()) >= linux.IFNAMSIZ:
+        raise UsageError(f"--net tap:{name}: an interface name is 1 to {linux.IFNAMSIZ - 1} bytes")
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise UsageError(f"--net tap:{name}: cannot open /dev/net/tun: {oserror_text(e)}") from None
-    request = bytearray(lib.PYL_IFREQ_SIZE)
-    struct.pack_into(f"{lib.IFNAMSIZ}sH", request, 0, name.encode(),
-                     lib.IFF_TAP | lib.IFF_NO_PI | lib.IFF_VNET_HDR)
+    request = bytearray(linux.PYL_IFREQ_SIZE)
+    struct.pack_into(f"{linux.IFNAMSIZ}sH", request, 0, name.encode(),
+                     linux.IFF_TAP | linux.IFF_NO_PI | linux.IFF_VNET_HDR)
     try:
-        fcntl.ioctl(fd, lib.TUNSETIFF, request)
-        fcntl.ioctl(fd, lib.TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        fcntl.ioctl(fd, linux.TUNSETIFF, request)
+        fcntl.ioctl(fd, linux.TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
     except OSError as e:
         os.close(fd)
         raise UsageError(f"--net tap:{name}: {oserror_text(e)}") from None

@@ -91,7 +91,7 @@ class VirtqueueError(GuestError):
 
 
 # --- Where the parts of a ring are (2.7.2, legacy layout), for the driver's
-# side (virtio/testing.py) and the messages; csrc/virtq.c computes the same.
+# side (tests/ring_builder.py) and the messages; csrc/virtq.c computes the same.
 
 def _align_up(value, align):
     return (value + align - 1) & ~(align - 1)
