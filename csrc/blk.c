@@ -52,12 +52,18 @@ struct span {
 	uint64_t len;
 };
 
-/* A parsed request: nothing here came unchecked from the guest. */
+/*
+ * A parsed request, validated once (parse()), as Firecracker's
+ * Request::parse does: where the chain puts the header, data and status
+ * byte, and the verdict on what the header asks.  Nothing is looked at
+ * again, and nothing else decides whether the request moves data.
+ */
 struct request {
 	uint32_t type;
 	uint64_t sector;
 	struct span data;
 	uint8_t *status;	/* the one status byte */
+	int verdict;		/* the status to answer with no I/O, or -1: do it */
 };
 
 /* The span of `len` bytes from `offset` into a run of buffers. */
@@ -78,12 +84,44 @@ static inline int abandoned(const struct pyl_blk *blk)
 }
 
 /*
- * Every check of the request in `chain`, in one place.  Returns 0, or the
- * rule of a request we cannot answer: with no status byte there is
- * nowhere to say IOERR, and one with no whole header does not say what
- * it asks.
+ * The status of a request that is answered with no I/O (UNSUPP for a
+ * type this device does not serve, IOERR for data not in whole sectors or
+ * beyond the capacity), or -1: a request to do.
  */
-static int parse(const struct pyl_chain *chain, struct request *req)
+static int verdict(const struct pyl_blk *blk, const struct request *req)
+{
+	uint64_t sectors;
+
+	switch (req->type) {
+	case VIRTIO_BLK_T_IN:
+	case VIRTIO_BLK_T_OUT:
+		break;
+	case VIRTIO_BLK_T_FLUSH:
+	case VIRTIO_BLK_T_GET_ID:
+		return -1;
+	default:
+		return VIRTIO_BLK_S_UNSUPP;
+	}
+	/*
+	 * 5.2.6.1: data in whole sectors, none beyond the capacity.  Written
+	 * so that a sector near 2^64 cannot wrap round.
+	 */
+	if (req->data.len % SECTOR_SIZE)
+		return VIRTIO_BLK_S_IOERR;
+	sectors = req->data.len / SECTOR_SIZE;
+	if (req->sector > blk->capacity || sectors > blk->capacity - req->sector)
+		return VIRTIO_BLK_S_IOERR;
+	return -1;
+}
+
+/*
+ * Every check of the request in `chain`, in one place.  Returns 0, with
+ * req->verdict saying what is to be done, or the rule of a request we
+ * cannot answer: with no status byte there is nowhere to say IOERR, and
+ * one with no whole header does not say what it asks.
+ */
+static int parse(const struct pyl_blk *blk, const struct pyl_chain *chain,
+		 struct request *req)
 {
 	const struct pyl_buffer *readable = chain->bufs;
 	const struct pyl_buffer *writable = chain->bufs + chain->nreadable;
@@ -121,35 +159,10 @@ static int parse(const struct pyl_chain *chain, struct request *req)
 		req->data = span_at(writable, chain->nwritable, 0,
 				    chain->writable_len - 1);
 	}
+	req->verdict = verdict(blk, req);
 	return 0;
 }
 
-/* The status of a request that is answered with no I/O, or -1. */
-static int fault_status(const struct pyl_blk *blk, const struct request *req)
-{
-	uint64_t sectors;
-
-	switch (req->type) {
-	case VIRTIO_BLK_T_IN:
-	case VIRTIO_BLK_T_OUT:
-		break;
-	case VIRTIO_BLK_T_FLUSH:
-	case VIRTIO_BLK_T_GET_ID:
-		return -1;
-	default:
-		return VIRTIO_BLK_S_UNSUPP;
-	}
-	/*
-	 * 5.2.6.1: data in whole sectors, none beyond the capacity.  Written
-	 * so that a sector near 2^64 cannot wrap round.
-	 */
-	if (req->data.len % SECTOR_SIZE)
-		return VIRTIO_BLK_S_IOERR;
-	sectors = req->data.len / SECTOR_SIZE;
-	if (req->sector > blk->capacity || sectors > blk->capacity - req->sector)
-		return VIRTIO_BLK_S_IOERR;
-	return -1;
-}
 
 /*
  * The next system call's worth of the span: at most PYL_BLK_IO_CHUNK
@@ -288,12 +301,11 @@ static uint64_t get_id(struct pyl_blk *blk, struct request *req)
 static int execute(struct pyl_blk *blk, struct request *req,
 		   uint64_t *written)
 {
-	int status = fault_status(blk, req);
 	int64_t done;
 
 	*written = 0;
-	if (status >= 0)
-		return status;
+	if (req->verdict >= 0)
+		return req->verdict;
 	switch (req->type) {
 	case VIRTIO_BLK_T_IN:
 		done = transfer(blk, req, 0, 0);
@@ -623,7 +635,7 @@ static int start(struct pyl_blk *blk, struct slot *slot, uint32_t index)
 
 	slot->done = 0;
 	slot->write = slot->req.type == VIRTIO_BLK_T_OUT;
-	if (fault_status(blk, &slot->req) < 0 &&
+	if (slot->req.verdict < 0 &&
 	    (slot->req.type == VIRTIO_BLK_T_IN ||
 	     (slot->write && !blk->read_only)) &&
 	    submit(blk, slot, index))
@@ -693,8 +705,7 @@ static int shares_sectors(const struct pyl_blk *blk,
 
 	/* Only a read or write that passed its checks moves data (and its
 	 * sector range cannot wrap). */
-	if ((req->type != VIRTIO_BLK_T_IN && !write) ||
-	    fault_status(blk, req) >= 0)
+	if ((req->type != VIRTIO_BLK_T_IN && !write) || req->verdict >= 0)
 		return 0;
 	for (k = 0; k < f->count; k++) {
 		const struct slot *slot = &f->slot[(f->first + k) % DEPTH];
@@ -733,7 +744,7 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 	if (f->submitted && shares_memory(f, chain) &&
 	    (reaped = wait_all(blk)) < 0)
 		return stop_for(reaped);
-	out->rule = parse(chain, &slot->req);
+	out->rule = parse(blk, chain, &slot->req);
 	if (out->rule) {
 		out->head = chain->head;
 		out->readable_len = chain->readable_len;

@@ -85,17 +85,12 @@ class BlockRule(Rule):
     # No way to answer: BlockRequestError, and the device is broken.
     STATUS = "block status", "5.2.6"   # the request ends in a device-writable status byte
     HEADER = "block header", "5.2.6"   # and starts with the 16-byte readable header
-    # Answered at once, with no I/O, with the status ANSWERS gives (blk.c's
-    # fault_status()).
+    # Answered at once, with no I/O: UNSUPP for the type, IOERR for the
+    # others (the verdict blk.c's parse() gives the request).
     TYPE = "block type", "5.2.6"       # a type this device serves
     LENGTH = "block length", "5.2.6.1"  # IN and OUT data: a multiple of 512 bytes
     RANGE = "block range", "5.2.6.1"    # no read or write beyond capacity
 
-
-# The status each answerable fault gets: what a real disk says.
-ANSWERS = {BlockRule.TYPE: Status.UNSUPP,
-           BlockRule.LENGTH: Status.IOERR,
-           BlockRule.RANGE: Status.IOERR}
 
 
 class BlockRequestError(GuestError):
