@@ -30,15 +30,16 @@ from pylguest.lguest.device_page import VqConfig
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.memory import PAGE_SIZE, GuestMemory
 from pylguest.stop import Stop, StopRequest
-from pylguest.virtio.device import (STATUS_DRIVER_OK, STATUS_FAILED, DeviceContext, DeviceState,
-                                    QueueWorker)
+from pylguest.virtio.device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+                                    STATUS_FAILED, DeviceContext, DeviceState, QueueWorker)
 from pylguest.virtio.queue import vring_size
 
 # Legacy ISA lines nobody else uses (docs/abi.md section 5): COM1 has 4, the
 # PIT 0, the cascade 2, the RTC 8, the FPU 13.
 IRQ_POOL = (5, 9, 10, 11, 12, 14, 15, 6, 7)
 
-STATUS_NAMES = ((1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (0x80, "FAILED"))
+STATUS_NAMES = ((STATUS_ACKNOWLEDGE, "ACKNOWLEDGE"), (STATUS_DRIVER, "DRIVER"),
+                (STATUS_DRIVER_OK, "DRIVER_OK"), (STATUS_FAILED, "FAILED"))
 
 
 class BusRule(Rule):
