@@ -31,18 +31,16 @@
 
 #include <liburing.h>
 
-#include "blk.h"
+#include "virtq.h"
 
 #define SECTOR_SIZE		512
-#define HEADER_SIZE		16
+#define HEADER_SIZE		sizeof(struct virtio_blk_outhdr)
 
-#define VIRTIO_BLK_T_IN		0
-#define VIRTIO_BLK_T_OUT	1
-#define VIRTIO_BLK_T_FLUSH	4
-#define VIRTIO_BLK_T_GET_ID	8
-#define VIRTIO_BLK_S_OK		0
-#define VIRTIO_BLK_S_IOERR	1
-#define VIRTIO_BLK_S_UNSUPP	2
+/*
+ * The request types (VIRTIO_BLK_T_IN, _OUT, _FLUSH, _GET_ID) and statuses
+ * (VIRTIO_BLK_S_OK, _IOERR, _UNSUPP) are the kernel's <linux/virtio_blk.h>,
+ * through pylguest.h; Python reads the same ones.
+ */
 
 /* Bytes [start, start + len) of a run of buffers, walked in pieces. */
 struct span {
@@ -579,9 +577,11 @@ static int wait_all(struct pyl_blk *blk)
 {
 	int reaped;
 
-	while (blk->inflight->submitted)
-		if ((reaped = reap(blk, 1)) < 0)
+	while (blk->inflight->submitted) {
+		reaped = reap(blk, 1);
+		if (reaped < 0)
 			return reaped;
+	}
 	return 0;
 }
 
@@ -641,8 +641,11 @@ static int start(struct pyl_blk *blk, struct slot *slot, uint32_t index)
 	    submit(blk, slot, index))
 		return 0;
 	/* Every write before a flush is written first. */
-	if (slot->req.type == VIRTIO_BLK_T_FLUSH && (reaped = wait_all(blk)) < 0)
-		return reaped;
+	if (slot->req.type == VIRTIO_BLK_T_FLUSH) {
+		reaped = wait_all(blk);
+		if (reaped < 0)
+			return reaped;
+	}
 	status = execute(blk, &slot->req, &written);
 	if (status < 0)
 		return REAP_ABANDONED;
@@ -703,8 +706,10 @@ static int shares_sectors(const struct pyl_blk *blk,
 	int write = req->type == VIRTIO_BLK_T_OUT;
 	uint32_t k;
 
-	/* Only a read or write that passed its checks moves data (and its
-	 * sector range cannot wrap). */
+	/*
+	 * Only a read or write that passed its checks moves data (and its
+	 * sector range cannot wrap).
+	 */
 	if ((req->type != VIRTIO_BLK_T_IN && !write) || req->verdict >= 0)
 		return 0;
 	for (k = 0; k < f->count; k++) {
@@ -741,18 +746,22 @@ static int take(struct pyl_vq *vq, struct pyl_chain *chain,
 	 * Its header is read below: after any request in flight that
 	 * writes those bytes.
 	 */
-	if (f->submitted && shares_memory(f, chain) &&
-	    (reaped = wait_all(blk)) < 0)
-		return stop_for(reaped);
+	if (f->submitted && shares_memory(f, chain)) {
+		reaped = wait_all(blk);
+		if (reaped < 0)
+			return stop_for(reaped);
+	}
 	out->rule = parse(blk, chain, &slot->req);
 	if (out->rule) {
 		out->head = chain->head;
 		out->readable_len = chain->readable_len;
 		return PYL_BLK_REQUEST_FAULT;
 	}
-	if (f->submitted && shares_sectors(blk, &slot->req) &&
-	    (reaped = wait_all(blk)) < 0)
-		return stop_for(reaped);
+	if (f->submitted && shares_sectors(blk, &slot->req)) {
+		reaped = wait_all(blk);
+		if (reaped < 0)
+			return stop_for(reaped);
+	}
 	slot->head = chain->head;
 	slot->niov = 0;
 	f->count++;

@@ -25,7 +25,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#include "net.h"
+#include "virtq.h"
 
 #define NET_IOV_MAX	1024	/* Linux's UIO_MAXIOV */
 

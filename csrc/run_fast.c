@@ -12,7 +12,7 @@
  * C never decides anything the Python model has not decided first.  The
  * port bus publishes which ports are claimed; the UART publishes, whenever
  * it changes, whether a THR write is nothing but output and what LSR reads
- * as (struct pyl_fast below).  When a rule does not hold, C hands the exit
+ * as (struct pyl_fast, in pylguest.h).  When a rule does not hold, C hands the exit
  * to Python, which answers it with the full model.
  *
  * The bytes taken from THR go into a ring that Python empties into the
@@ -24,31 +24,14 @@
  * (back pressure, giving way to a stop) as it always did.
  */
 
-#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 
-#define PYL_FAST_RING_SIZE	4096	/* a power of two: head and tail wrap freely */
-#define PYL_FAST_REASONS	64	/* KVM_EXIT_* numbers counted per reason */
+#include "pylguest.h"
 
 #define UART_THR	0		/* offsets from the UART's base port */
 #define UART_LSR	5
-
-struct pyl_fast {
-	/* Published by Python: the port bus's claims, the UART's state. */
-	uint8_t claimed[65536 / 8];	/* one bit per port that a device claims */
-	uint16_t uart_base;
-	uint8_t uart_thr_plain;		/* a THR write is only output (see uart.py) */
-	uint8_t uart_lsr;		/* LSR's value now; 0: Python must read it */
-	/* Console bytes: C writes at head, Python takes at tail. */
-	uint32_t out_head;
-	uint32_t out_tail;
-	uint32_t out_kicked;		/* kick_fd written since Python last took */
-	int32_t kick_fd;		/* an eventfd, or -1 */
-	uint8_t out[PYL_FAST_RING_SIZE];
-	/* Exits answered here, by reason: --stats counts them as well. */
-	uint64_t answered[PYL_FAST_REASONS];
-};
 
 /* Python's thread may change these at any time (the input thread sets LSR.DR). */
 #define READ_ONCE(x)	__atomic_load_n(&(x), __ATOMIC_RELAXED)

@@ -40,13 +40,14 @@
 
 #include "virtq.h"
 
-#define VRING_DESC_F_NEXT	1	/* the buffer continues in `next` */
-#define VRING_DESC_F_WRITE	2	/* device-writable */
-#define VRING_DESC_F_INDIRECT	4	/* the buffer is a table (2.7.5.3) */
-#define VRING_USED_F_NO_NOTIFY	1	/* to the driver: don't kick (2.7.10) */
-#define VRING_AVAIL_F_NO_INTERRUPT 1	/* to us: don't interrupt (2.7.7) */
-
-#define DESC_SIZE		16
+/*
+ * The flags are the kernel's (<linux/virtio_ring.h>, through pylguest.h),
+ * and Python reads the same ones: VRING_DESC_F_NEXT (the buffer continues
+ * in `next`), _WRITE (device-writable), _INDIRECT (the buffer is a table,
+ * 2.7.5.3); VRING_USED_F_NO_NOTIFY (to the driver: don't kick, 2.7.10);
+ * VRING_AVAIL_F_NO_INTERRUPT (to us: don't interrupt, 2.7.7).
+ */
+#define DESC_SIZE		sizeof(struct pyl_vring_desc)
 #define U32_MAX			0xffffffffULL
 
 /*
@@ -106,10 +107,23 @@ static int refuse(struct pyl_vq *vq, int rule)
  * Where the parts of a ring are (2.7.2, legacy layout), and the checks
  * that the whole block lies in guest memory.
  */
+void pyl_vring_layout(uint64_t gpa, uint32_t num,
+		      struct pyl_vring_layout *layout)
+{
+	uint64_t avail = DESC_SIZE * (uint64_t)num;
+	uint64_t used = align_up(avail + 2 * (3 + (uint64_t)num),
+				 PYL_VRING_ALIGN);
+
+	layout->desc = gpa;
+	layout->avail = gpa + avail;
+	layout->used = gpa + used;
+	layout->size = used + 2 * 3 + 8 * (uint64_t)num;
+}
+
 int pyl_vq_init(struct pyl_vq *vq, const struct pyl_memory *memory,
 		uint32_t num, uint64_t pfn, int event_idx, int indirect)
 {
-	uint64_t gpa, avail, used, size;
+	struct pyl_vring_layout ring;
 	uint8_t *host;
 
 	memset(vq, 0, sizeof(*vq));
@@ -128,20 +142,17 @@ int pyl_vq_init(struct pyl_vq *vq, const struct pyl_memory *memory,
 	/* A pfn this large would wrap when shifted: it is not in memory. */
 	if (pfn >> 52)
 		return refuse(vq, PYL_RULE_RING_MEMORY);
-	gpa = pfn << 12;
-	avail = DESC_SIZE * (uint64_t)num;
-	used = align_up(avail + 2 * (3 + (uint64_t)num), PYL_VRING_ALIGN);
-	size = used + 2 * 3 + 8 * (uint64_t)num;
-	host = pyl_guest_range(memory, gpa, size);
+	pyl_vring_layout(pfn << 12, num, &ring);
+	host = pyl_guest_range(memory, ring.desc, ring.size);
 	if (!host)
 		return refuse(vq, PYL_RULE_RING_MEMORY);
 
 	vq->num = num;
 	vq->desc = (struct pyl_vring_desc *)host;
-	vq->avail = (uint16_t *)(host + avail);
-	vq->used = (uint16_t *)(host + used);
-	vq->used_ring = (struct pyl_vring_used_elem *)(host + used + 4);
-	vq->avail_event = (uint16_t *)(host + used + 4 + 8 * num);
+	vq->avail = (uint16_t *)(host + (ring.avail - ring.desc));
+	vq->used = (uint16_t *)(host + (ring.used - ring.desc));
+	vq->used_ring = (struct pyl_vring_used_elem *)((uint8_t *)vq->used + 4);
+	vq->avail_event = (uint16_t *)((uint8_t *)vq->used + 4 + 8 * num);
 	pyl_vq_reset(vq);
 	return 0;
 }
@@ -377,15 +388,16 @@ void pyl_vq_push(struct pyl_vq *vq, uint16_t head, uint32_t len)
 }
 
 /*
- * The spec's helper (2.7.7.2, vring_need_event): the other side asked to
- * be told once entry number event_idx is reached, and we have gone from
- * old to new since we last told it.  All u16: the subtraction wraps,
- * which is what makes it right across 65535 -> 0.
+ * vring_need_event() is the spec's helper (2.7.7.2), as the kernel's
+ * <linux/virtio_ring.h> gives it: the other side asked to be told once
+ * entry number event_idx is reached, and we have gone from old to new
+ * since we last told it,
+ *
+ *	(u16)(new - event_idx - 1) < (u16)(new - old)
+ *
+ * All u16: the subtraction wraps, which is what makes it right across
+ * 65535 -> 0.
  */
-static int vring_need_event(uint16_t event_idx, uint16_t new, uint16_t old)
-{
-	return (uint16_t)(new - event_idx - 1) < (uint16_t)(new - old);
-}
 
 /*
  * After pushes: should we interrupt the guest now?  Without EVENT_IDX the

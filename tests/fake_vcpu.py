@@ -15,7 +15,7 @@ tests run both ways (FakeVcpu(fast=False) has no run_fast).
 import time
 
 from pylguest import layout, stop
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.lguest.hypercall import LHCALL_SHUTDOWN, HypercallPage
 from pylguest.memory import GuestMemory, Region
 from pylguest.platform import i8042

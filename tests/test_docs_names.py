@@ -4,7 +4,7 @@ and docs/abi.md cite in backquotes still exists.
   - a file (`memory.py`, `csrc/blk.c`): some file of the repository has
     that path or name;
   - `Thing.member` or `module.member` (`Machine._build_restored`,
-    `restore.load`): spelled so in the code (`pylguest._dataplane`), or a
+    `restore.load`): spelled so in the code (`pylguest._native`), or a
     class Thing or a module thing.py exists and the member is defined
     (def, class or an assignment) in that file;
   - any other name that looks like code (`pyl_blk_drain`, `KVM_RUN`,
@@ -101,7 +101,7 @@ def test_a_cited_name_exists(code, doc, name):
             name == "manifest.json", f"{doc} cites {name}: no such file"
         return
     if "." in name and any(name in text for text in files.values()):
-        return                               # spelled whole: `pylguest._dataplane`
+        return                               # spelled whole: `pylguest._native`
     if "." in name:
         owner, member = name.rsplit(".", 1)
         owner = owner.rsplit(".", 1)[-1]

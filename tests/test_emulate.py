@@ -3,7 +3,7 @@
 import pytest
 from fake_vcpu import FakeVcpu, fill_refused
 
-from pylguest._kvm import ffi
+from pylguest._native import ffi
 from pylguest.emulate import RFLAGS_AC, complete_refused_instruction, instruction_bytes
 
 

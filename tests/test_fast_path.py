@@ -21,7 +21,7 @@ from fake_vcpu import FakeVcpu, io_answer, io_in, io_out, look
 from test_kvm import RealModeVm
 
 from pylguest import stop
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.hostconsole.output import BUFFER_LIMIT, ConsoleOutput
 from pylguest.platform import uart
 from pylguest.platform.ports import PortBus

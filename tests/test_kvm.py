@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.errors import KvmError
 from pylguest.kvm import Kvm, detect_kvm_kind, system
 from pylguest.kvm.ioctl import ioctl, ioctl_error

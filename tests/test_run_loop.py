@@ -12,7 +12,7 @@ from fake_vcpu import (RECORDER_PORT, SYSTEM_EVENT_SHUTDOWN, Recorder, interrupt
                        shutdown_hypercall, system_event)
 
 from pylguest import layout, stop
-from pylguest._kvm import lib
+from pylguest._native import lib
 from pylguest.lguest.hypercall import LHCALL_NOTIFY
 from pylguest.stop import EXIT_LAUNCHER_ERROR
 

@@ -15,7 +15,7 @@ with its bytes, and the run stops: guessing at an instruction's effect would
 corrupt the guest silently.
 """
 
-from pylguest._kvm import lib
+from pylguest._native import lib
 
 RFLAGS_AC = 1 << 18
 BP_VECTOR = 3

@@ -37,7 +37,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 
 GATHER = 0.002   # seconds the console thread lets a burst collect: one wakeup, not one per byte
 

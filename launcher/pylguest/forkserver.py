@@ -1,7 +1,7 @@
 """A warm launcher that forks launchers: restores without Python's start.
 
 Every `pylguest run` is a fresh Python: the interpreter starts, imports
-the launcher and numpy and loads the two cffi extensions (about 0.1 s
+the launcher and numpy and loads the cffi extension (about 0.1 s
 here), and each such process keeps some 20 MiB of its own heap.  For a
 cold boot that is noise.  For a restore it is most of the work (mapping a
 memory file and setting a vCPU's state takes milliseconds), and for eight

@@ -1,6 +1,6 @@
 """`pylguest info`: what this machine's KVM is, and what it offers us."""
 
-from pylguest._kvm import lib
+from pylguest._native import lib
 from pylguest.boot.cmdline import EMULATING_KVM_CLEARCPUID, EMULATING_KVM_ENVIRONMENT
 from pylguest.emulate import COMPLETIONS
 from pylguest.errors import KvmError

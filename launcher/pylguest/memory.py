@@ -36,7 +36,7 @@ import mmap
 import os
 from typing import NamedTuple
 
-from pylguest._kvm import ffi
+from pylguest._native import ffi, lib
 from pylguest.errors import GuestMemoryError
 
 PAGE_SIZE = 4096
@@ -114,19 +114,18 @@ class GuestMemory:
     @property
     def c_memory(self):
         """The data plane's view of this memory (struct pyl_memory,
-        csrc/virtq.h): each region and where it lives in our address space,
+        csrc/pylguest.h): each region and where it lives in our address space,
         which the C request loops check every guest address against.  Made
-        on first use: a guest without devices never loads the data plane."""
+        on first use: a guest without devices never needs it."""
         if self._c_memory is None:
-            from pylguest._dataplane import ffi as dp_ffi, lib as dp_lib
-            if len(self.regions) > dp_lib.PYL_MAX_REGIONS:
+            if len(self.regions) > lib.PYL_MAX_REGIONS:
                 raise ValueError(f"{len(self.regions)} memory regions; "
-                                 f"the data plane takes {dp_lib.PYL_MAX_REGIONS}")
-            c = dp_ffi.new("struct pyl_memory *")
+                                 f"the data plane takes {lib.PYL_MAX_REGIONS}")
+            c = ffi.new("struct pyl_memory *")
             c.nregions = len(self.regions)
             for slot, region in zip(c.region, self.regions):
                 slot.gpa, slot.size = region.gpa, region.size
-                slot.host = dp_ffi.cast("uint8_t *", self.host_address + region.host_offset)
+                slot.host = ffi.cast("uint8_t *", self.host_address + region.host_offset)
             self._c_memory = c
         return self._c_memory
 

@@ -35,7 +35,7 @@ drive it with a fake one.
 """
 
 from pylguest import stop
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.emulate import complete_refused_instruction, instruction_bytes
 from pylguest.stop import ExitResult, Stop, StopRequest
 

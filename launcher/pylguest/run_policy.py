@@ -1,6 +1,6 @@
 """The run policy: what may end a run besides the guest, set up around the loop.
 
-  * SIGINT, SIGTERM and SIGHUP: a C handler (csrc/kvm_build.py) records the
+  * SIGINT, SIGTERM and SIGHUP: a C handler (csrc/kvm.c) records the
     signal and sets kvm_run->immediate_exit, so KVM_RUN returns EINTR even
     if the signal came just before it was entered;
   * --timeout: a timer thread asks for stop.timeout();
@@ -19,7 +19,7 @@ import threading
 from typing import Callable, Optional
 
 from pylguest import stop
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.hostconsole.terminal import InputReader
 from pylguest.stop import Stop
 

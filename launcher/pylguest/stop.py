@@ -99,7 +99,7 @@ def launcher_error(message):
 # A run ends through one protocol.  Whoever wants it to end -- the --timeout
 # timer, the input thread on Ctrl-A x, the Python API, a handler of its own
 # -- calls StopRequest.request(stop); a stop signal (SIGTERM, SIGINT,
-# SIGHUP) is recorded by the C handler in csrc/kvm_build.py, since no Python
+# SIGHUP) is recorded by the C handler in csrc/kvm.c, since no Python
 # code can run inside a signal handler while the vCPU is in KVM_RUN, and
 # `signal_stop` reads it.  The first request wins.  The run loop asks
 # pending() whenever KVM_RUN returns EINTR, and `on_request` (the machine:

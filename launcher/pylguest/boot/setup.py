@@ -18,7 +18,7 @@ import os
 from typing import NamedTuple, Optional, Tuple
 
 from pylguest import layout
-from pylguest._kvm import ffi
+from pylguest._native import ffi
 from pylguest.boot import x86
 from pylguest.boot.bootparams import build_boot_params
 from pylguest.boot.loader import LoadedKernel, cmdline_limit

@@ -29,8 +29,7 @@ import fcntl
 import os
 import struct
 
-from pylguest._dataplane import ffi
-from pylguest._dataplane import lib as dataplane
+from pylguest._native import ffi, lib       # csrc/pylguest.h, and <linux/virtio_blk.h>'s numbers
 from pylguest.errors import GuestError, HostIOError, Rule, UsageError
 from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import RequestAbandoned, VirtioDevice
@@ -38,15 +37,16 @@ from pylguest.virtio.device import RequestAbandoned, VirtioDevice
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512
 
-# Request types and status values (virtio spec 5.2.6).
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-VIRTIO_BLK_ID_BYTES = 20
+# Request types and status values (virtio spec 5.2.6): the kernel's
+# <linux/virtio_blk.h>, the same numbers blk.c uses.
+VIRTIO_BLK_T_IN = lib.VIRTIO_BLK_T_IN
+VIRTIO_BLK_T_OUT = lib.VIRTIO_BLK_T_OUT
+VIRTIO_BLK_T_FLUSH = lib.VIRTIO_BLK_T_FLUSH
+VIRTIO_BLK_T_GET_ID = lib.VIRTIO_BLK_T_GET_ID
+VIRTIO_BLK_S_OK = lib.VIRTIO_BLK_S_OK
+VIRTIO_BLK_S_IOERR = lib.VIRTIO_BLK_S_IOERR
+VIRTIO_BLK_S_UNSUPP = lib.VIRTIO_BLK_S_UNSUPP
+VIRTIO_BLK_ID_BYTES = lib.PYL_BLK_ID_BYTES
 
 # Feature bits (5.2.3).
 VIRTIO_BLK_F_RO = 5
@@ -55,8 +55,8 @@ VIRTIO_BLK_F_FLUSH = 9
 
 HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
 QUEUE_SIZE = 128
-IO_CHUNK = dataplane.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
-IOV_MAX = dataplane.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
+IO_CHUNK = lib.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
+IOV_MAX = lib.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
 
 
 class RequestType(enum.IntEnum):
@@ -138,7 +138,7 @@ class BlockDevice(VirtioDevice):
         ident = name.encode()[:VIRTIO_BLK_ID_BYTES]
         ffi.memmove(self._c.id, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"), VIRTIO_BLK_ID_BYTES)
         self._outcome = ffi.new("struct pyl_blk_outcome *")
-        started = dataplane.pyl_blk_open(self._c, io_uring)
+        started = lib.pyl_blk_open(self._c, io_uring)
         if started < 0:
             os.close(self.fd)
             raise MemoryError(f"{name}: no memory for its requests in flight")
@@ -162,20 +162,20 @@ class BlockDevice(VirtioDevice):
         out = self._outcome
         pushed = False
         while True:
-            dataplane.pyl_blk_drain(vq.c, vq.c_chain, self._c, limit, out)
+            lib.pyl_blk_drain(vq.c, vq.c_chain, self._c, limit, out)
             pushed = pushed or out.pushed > 0
             if out.pushed and self.trace:
                 self.trace(f"req   {vq.name}: {describe(out.last)} -> "
                            f"{Status(out.last.status).name}")
-            if out.stop != dataplane.PYL_BLK_LIMIT:
+            if out.stop != lib.PYL_BLK_LIMIT:
                 break
-        if out.stop == dataplane.PYL_BLK_RING_FAULT:
+        if out.stop == lib.PYL_BLK_RING_FAULT:
             raise vq.fault()
-        if out.stop == dataplane.PYL_BLK_REQUEST_FAULT:
+        if out.stop == lib.PYL_BLK_REQUEST_FAULT:
             raise _request_error(vq.name, out)
-        if out.stop == dataplane.PYL_BLK_ABANDONED:
+        if out.stop == lib.PYL_BLK_ABANDONED:
             raise RequestAbandoned(self.name)
-        if out.stop == dataplane.PYL_BLK_HOST_FAULT:
+        if out.stop == lib.PYL_BLK_HOST_FAULT:
             raise HostIOError(f"{vq.name}: io_uring failed: {os.strerror(out.error)} "
                               f"(errno {out.error}); the requests in flight are lost")
         return pushed
@@ -196,7 +196,7 @@ class BlockDevice(VirtioDevice):
 
     def close(self, timeout=5.0):
         if self.fd >= 0:
-            dataplane.pyl_blk_close(self._c)
+            lib.pyl_blk_close(self._c)
             os.close(self.fd)
             self.fd = -1
         return True
@@ -225,7 +225,7 @@ def _request_type(code):
 def _request_error(queue, out):
     """The BlockRequestError for a request blk.c could not answer."""
     head = out.head
-    if out.rule == dataplane.PYL_BLK_RULE_STATUS:
+    if out.rule == lib.PYL_BLK_RULE_STATUS:
         return BlockRequestError(f"{queue}: request {head} has no status byte", head,
                                  rule=BlockRule.STATUS, queue=queue)
     return BlockRequestError(f"{queue}: request {head} has a {out.readable_len}-byte header, "

@@ -52,13 +52,10 @@ import struct
 import threading
 import time
 
-from pylguest import _dataplane
-from pylguest._kvm import lib as linux    # <linux/if_tun.h>'s constants, compiled into _kvm
+from pylguest._native import ffi, lib       # csrc/pylguest.h; the tap's constants are <linux/if_tun.h>'s
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import oserror_text
 from pylguest.virtio.device import DeviceState, RequestAbandoned, VirtioDevice
-
-dataplane = _dataplane.lib
 
 class NetRule(Rule):
     """The net device's own rules (virtio 5.1.6); the names are the ring
@@ -74,11 +71,8 @@ class NetRequestError(GuestError):
 
 VIRTIO_ID_NET = 1
 VIRTIO_NET_F_MAC = 5
-VNET_HDR_SIZE = 10                  # legacy struct virtio_net_hdr, no MRG_RXBUF
-# A frame as the device sees it: the header, then an ethernet frame of up
-# to a 65535-byte packet behind a 14-byte header and a 4-byte VLAN tag.
-MAX_FRAME = VNET_HDR_SIZE + 14 + 4 + 65535
-assert (VNET_HDR_SIZE, MAX_FRAME) == (dataplane.PYL_VNET_HDR_SIZE, dataplane.PYL_MAX_FRAME)
+VNET_HDR_SIZE = lib.PYL_VNET_HDR_SIZE  # legacy struct virtio_net_hdr, no MRG_RXBUF
+MAX_FRAME = lib.PYL_MAX_FRAME       # the header, then the largest ethernet frame (net.c)
 RECEIVEQ, TRANSMITQ = 0, 1
 QUEUE_SIZE = 256
 DAEMON_GRACE = 2.0                  # s for passt's death line once its socket closed
@@ -99,18 +93,18 @@ def parse_mac(text):
 
 def open_tap(name):
     """Attach to tap interface `name` (creating it if it does not exist)."""
-    if not name or len(name.encode()) >= linux.IFNAMSIZ:
-        raise UsageError(f"--net tap:{name}: an interface name is 1 to {linux.IFNAMSIZ - 1} bytes")
+    if not name or len(name.encode()) >= lib.IFNAMSIZ:
+        raise UsageError(f"--net tap:{name}: an interface name is 1 to {lib.IFNAMSIZ - 1} bytes")
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise UsageError(f"--net tap:{name}: cannot open /dev/net/tun: {oserror_text(e)}") from None
-    request = bytearray(linux.PYL_IFREQ_SIZE)
-    struct.pack_into(f"{linux.IFNAMSIZ}sH", request, 0, name.encode(),
-                     linux.IFF_TAP | linux.IFF_NO_PI | linux.IFF_VNET_HDR)
+    request = bytearray(lib.PYL_IFREQ_SIZE)
+    struct.pack_into(f"{lib.IFNAMSIZ}sH", request, 0, name.encode(),
+                     lib.IFF_TAP | lib.IFF_NO_PI | lib.IFF_VNET_HDR)
     try:
-        fcntl.ioctl(fd, linux.TUNSETIFF, request)
-        fcntl.ioctl(fd, linux.TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        fcntl.ioctl(fd, lib.TUNSETIFF, request)
+        fcntl.ioctl(fd, lib.TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
     except OSError as e:
         os.close(fd)
         raise UsageError(f"--net tap:{name}: {oserror_text(e)}") from None
@@ -152,16 +146,16 @@ class NetDevice(VirtioDevice):
         self._starved = True          # no receive buffers we know of: don't read the tap
         # What net.c is given: the tap, and one bounce buffer for a frame
         # scattered over more than IOV_MAX buffers.
-        self._bounce = _dataplane.ffi.new("uint8_t[]", MAX_FRAME)
-        self._c = _dataplane.ffi.new("struct pyl_net *")
+        self._bounce = ffi.new("uint8_t[]", MAX_FRAME)
+        self._c = ffi.new("struct pyl_net *")
         self._c.tap, self._c.bounce = self.tap, self._bounce
         self._c.abandon = self.abandon.c              # the device's one flag, for good
         if stream:
-            self._tx = _dataplane.ffi.new("uint8_t[]", dataplane.PYL_STREAM_BUF)
-            self._rx = _dataplane.ffi.new("uint8_t[]", dataplane.PYL_STREAM_BUF)
-            self._c.mode = dataplane.PYL_NET_MODE_STREAM
+            self._tx = ffi.new("uint8_t[]", lib.PYL_STREAM_BUF)
+            self._rx = ffi.new("uint8_t[]", lib.PYL_STREAM_BUF)
+            self._c.mode = lib.PYL_NET_MODE_STREAM
             self._c.tx, self._c.rx = self._tx, self._rx
-        self._outcome = _dataplane.ffi.new("struct pyl_net_outcome *")
+        self._outcome = ffi.new("struct pyl_net_outcome *")
         self._rx_thread = threading.Thread(target=self._receive_loop, daemon=True,
                                            name=f"pylguest {name}/tap")
 
@@ -279,31 +273,31 @@ class NetDevice(VirtioDevice):
     def process(self, index, vq):
         out = self._outcome
         if index == TRANSMITQ:
-            dataplane.pyl_net_transmit(vq.c, vq.c_chain, self._c, out)
+            lib.pyl_net_transmit(vq.c, vq.c_chain, self._c, out)
             if self.stream and self._tx_pending() and not self._watching_out:
                 self._wake()              # watch for room for the rest
         else:
-            dataplane.pyl_net_receive(vq.c, vq.c_chain, self._c, out)
+            lib.pyl_net_receive(vq.c, vq.c_chain, self._c, out)
             if not self.stream:           # on a stream, a failed read ends it (below)
                 self._report_read_error()
             # Starved: no buffers until a kick of receiveq.  Otherwise the
             # tap is empty, not the ring (or we do not know it is): watch
             # the tap again; after a kick this is what ends a starvation.
-            self._set_starved(out.stop == dataplane.PYL_NET_STARVED)
-        if out.stop == dataplane.PYL_NET_RING_FAULT:
+            self._set_starved(out.stop == lib.PYL_NET_STARVED)
+        if out.stop == lib.PYL_NET_RING_FAULT:
             raise vq.fault()
-        if out.stop == dataplane.PYL_NET_FRAME_FAULT:
+        if out.stop == lib.PYL_NET_FRAME_FAULT:
             raise self._frame_error(out)
-        if out.stop == dataplane.PYL_NET_ROOM_FAULT:
+        if out.stop == lib.PYL_NET_ROOM_FAULT:
             raise self._room_error(out)
-        if out.stop == dataplane.PYL_NET_ABANDONED:
+        if out.stop == lib.PYL_NET_ABANDONED:
             raise RequestAbandoned(self.name)
-        if out.stop == dataplane.PYL_NET_STREAM_FAULT:
+        if out.stop == lib.PYL_NET_STREAM_FAULT:
             self.lose_stream(
                 f"{self.queue_label(RECEIVEQ)}: {self.peer} sent a frame length of "
                 f"{self._c.bad_length} bytes; a frame is 1 to {MAX_FRAME - VNET_HDR_SIZE} "
                 "bytes, so the stream cannot be trusted any more")
-        elif out.stop == dataplane.PYL_NET_STREAM_CLOSED:
+        elif out.stop == lib.PYL_NET_STREAM_CLOSED:
             self._stream_closed(self.queue_label(index))
         return out.pushed > 0
 
@@ -317,7 +311,7 @@ class NetDevice(VirtioDevice):
             self.service(TRANSMITQ)
             return
         with self.lock:
-            if not self._closed and dataplane.pyl_net_flush(self._c) < 0:
+            if not self._closed and lib.pyl_net_flush(self._c) < 0:
                 self._stream_closed(self.queue_label(TRANSMITQ))
 
     def _frame_error(self, out):

@@ -11,7 +11,7 @@ The layers, bottom up:
     cpuid.py   which CPUID the guest is shown
 
 The structures and ioctl numbers come from <linux/kvm.h> through the cffi
-module built from csrc/kvm_build.py.
+extension pylguest._native (csrc/linux.cdef names what we use of them).
 """
 
 from pylguest.kvm.system import Kvm

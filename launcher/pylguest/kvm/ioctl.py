@@ -10,7 +10,7 @@ knows exactly which request the kernel refused.
 import errno
 import os
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.errors import KvmError
 
 

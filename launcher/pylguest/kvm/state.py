@@ -31,7 +31,7 @@ tools/kvm_state_probe.py asks, and docs/abi.md section 10 records it.
 
 from typing import NamedTuple, Optional
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.kvm.ioctl import ioctl
 
 

@@ -3,7 +3,7 @@
 import errno
 import os
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.errors import KvmError
 from pylguest.kvm.ioctl import ioctl
 

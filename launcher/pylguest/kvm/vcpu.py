@@ -12,7 +12,7 @@ import errno
 import mmap
 import os
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.kvm.ioctl import ioctl, ioctl_error
 
 

@@ -2,7 +2,7 @@
 
 import os
 
-from pylguest._kvm import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.kvm.ioctl import ioctl
 
 # KVM on Intel needs three pages for the real-mode TSS and one for the

@@ -122,7 +122,7 @@ def host_identity(kvm, kvm_kind):
 
 def cpuid_digest(kvm, kvm_kind):
     import hashlib
-    from pylguest._kvm import ffi
+    from pylguest._native import ffi
     from pylguest.kvm.cpuid import guest_cpuid
     cpuid = guest_cpuid(kvm, kvm_kind)
     entries = ffi.buffer(cpuid.entries, cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2"))

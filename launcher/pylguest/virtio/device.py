@@ -45,7 +45,7 @@ import select
 import threading
 from typing import Callable, NamedTuple, Optional
 
-from pylguest._dataplane import ffi
+from pylguest._native import ffi
 from pylguest.errors import GuestError, HostIOError, PylguestError
 from pylguest.report import BrokenReport
 from pylguest.memory import GuestMemory

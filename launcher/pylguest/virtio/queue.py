@@ -4,7 +4,7 @@ as Python sees it.
 The ring itself -- the chain walk with every rule below, the used-ring
 push, kick suppression and the EVENT_IDX interrupt decision -- is C
 (csrc/virtq.c, a tour of its own, which explains the layout and the
-indices), compiled into pylguest._dataplane.  There is one implementation
+indices), compiled into pylguest._native.  There is one implementation
 of the rules: the block and net request loops (csrc/blk.c, csrc/net.c)
 drive the C ring directly, and `Virtqueue` here wraps the same C ring for
 the devices served in Python (console, rng) and for the tests.
@@ -27,25 +27,26 @@ backend, holding the device's lock); nothing here locks.
 
 from typing import NamedTuple
 
-from pylguest._dataplane import ffi, lib
+from pylguest._native import ffi, lib
 from pylguest.errors import GuestError, Rule
 
-# --- Constants of the ring format (Linux include/uapi/linux/virtio_ring.h).
+# --- Constants of the ring format: the kernel's include/uapi/linux/virtio_ring.h
+# and csrc/pylguest.h, through the extension, so they are the numbers C uses.
 
-LGUEST_VRING_ALIGN = 4096
-MAX_QUEUE_SIZE = 32768          # 2.7: "Queue Size ... maximum is 32768"
+LGUEST_VRING_ALIGN = lib.PYL_VRING_ALIGN
+MAX_QUEUE_SIZE = lib.PYL_MAX_QUEUE_SIZE   # 2.7: "Queue Size ... maximum is 32768"
 
-VRING_DESC_F_NEXT = 1           # the buffer continues in descriptor `next`
-VRING_DESC_F_WRITE = 2          # device-writable (otherwise device-readable)
-VRING_DESC_F_INDIRECT = 4       # the buffer is a table of descriptors (2.7.5.3)
+VRING_DESC_F_NEXT = lib.VRING_DESC_F_NEXT          # the buffer continues in descriptor `next`
+VRING_DESC_F_WRITE = lib.VRING_DESC_F_WRITE        # device-writable (otherwise device-readable)
+VRING_DESC_F_INDIRECT = lib.VRING_DESC_F_INDIRECT  # the buffer is a table of descriptors (2.7.5.3)
 
-VRING_USED_F_NO_NOTIFY = 1      # device to driver: don't kick me (2.7.10)
-VRING_AVAIL_F_NO_INTERRUPT = 1  # driver to device: don't interrupt me (2.7.7)
+VRING_USED_F_NO_NOTIFY = lib.VRING_USED_F_NO_NOTIFY          # device to driver: don't kick me (2.7.10)
+VRING_AVAIL_F_NO_INTERRUPT = lib.VRING_AVAIL_F_NO_INTERRUPT  # driver to device: don't interrupt me (2.7.7)
 
-VIRTIO_RING_F_INDIRECT_DESC = 28  # feature bits, for the device code
-VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_RING_F_INDIRECT_DESC = lib.VIRTIO_RING_F_INDIRECT_DESC  # feature bits, for the device code
+VIRTIO_RING_F_EVENT_IDX = lib.VIRTIO_RING_F_EVENT_IDX
 
-DESC_SIZE = 16
+DESC_SIZE = ffi.sizeof("struct pyl_vring_desc")
 
 U16 = 0xFFFF
 U32_MAX = 0xFFFFFFFF
@@ -91,23 +92,24 @@ class VirtqueueError(GuestError):
 
 
 # --- Where the parts of a ring are (2.7.2, legacy layout), for the driver's
-# side (tests/ring_builder.py) and the messages; csrc/virtq.c computes the same.
+# side (tests/ring_builder.py), the device page and the messages: csrc/virtq.c's
+# pyl_vring_layout, the one computation pyl_vq_init uses too.
 
-def _align_up(value, align):
-    return (value + align - 1) & ~(align - 1)
+def _layout(gpa, num):
+    layout = ffi.new("struct pyl_vring_layout *")
+    lib.pyl_vring_layout(gpa, num, layout)
+    return layout
 
 
-def vring_size(num, align=LGUEST_VRING_ALIGN):
+def vring_size(num):
     """Bytes taken by a legacy split ring of `num` entries (Linux's vring_size)."""
-    driver_part = DESC_SIZE * num + 2 * (3 + num)
-    return _align_up(driver_part, align) + 2 * 3 + 8 * num
+    return _layout(0, num).size
 
 
-def vring_addresses(gpa, num, align=LGUEST_VRING_ALIGN):
+def vring_addresses(gpa, num):
     """(descriptor table, available ring, used ring) addresses of a ring at gpa."""
-    avail = gpa + DESC_SIZE * num
-    used = _align_up(avail + 2 * (3 + num), align)
-    return gpa, avail, used
+    layout = _layout(gpa, num)
+    return layout.desc, layout.avail, layout.used
 
 
 # --- What pop() hands to device code.
