@@ -78,7 +78,7 @@ class CountingPort:
 def real_mode_vm():
     """The real-mode loop's VM, through pylguest's KVM layer (tests/test_kvm.py's
     RealModeVm): (what to close, the vCPU), stopped at its first exit."""
-    from pylguest._kvm import ffi
+    from pylguest._native import ffi
     from pylguest.kvm import Kvm
     from pylguest.memory import GuestMemory, Region
 
@@ -104,7 +104,7 @@ def real_mode_vm():
 def python_us_per_exit(count):
     """The real-mode loop, each exit handled in Python as run_loop.py's
     _exit_io does, through a PortBus."""
-    from pylguest._kvm import lib
+    from pylguest._native import lib
     from pylguest.platform.ports import PortBus
 
     closing, vcpu = real_mode_vm()
@@ -134,7 +134,7 @@ def fast_path_us_per_exit(seconds=0.3):
     the C row's guest, with the launcher's own per-exit work.  It runs for
     `seconds`, then a stop (immediate_exit and a signal, as a --timeout
     does) ends it; the fast path counts the exits it answered."""
-    from pylguest._kvm import lib
+    from pylguest._native import lib
     from pylguest.fastpath import FastPath
 
     closing, vcpu = real_mode_vm()
