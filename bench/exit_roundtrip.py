@@ -102,7 +102,7 @@ def real_mode_vm():
 
 
 def python_us_per_exit(count):
-    """The real-mode loop, each exit handled in Python as run_loop.py's
+    """The real-mode loop, each exit handled in Python as run/loop.py's
     _exit_io does, through a PortBus."""
     from pylguest._native import lib
     from pylguest.platform.ports import PortBus
@@ -135,7 +135,7 @@ def fast_path_us_per_exit(seconds=0.3):
     `seconds`, then a stop (immediate_exit and a signal, as a --timeout
     does) ends it; the fast path counts the exits it answered."""
     from pylguest._native import lib
-    from pylguest.fastpath import FastPath
+    from pylguest.run.fastpath import FastPath
 
     closing, vcpu = real_mode_vm()
     fast = FastPath()

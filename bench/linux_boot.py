@@ -22,7 +22,7 @@ in the guest (timed by the guest's clock around dd: DD_COMMAND below):
 QEMU runs on KVM if it can start a microvm with it here; if its first run
 on KVM fails (on an emulating KVM it stops at the kernel's INT3 self-test,
 an instruction the emulator refuses and QEMU cannot finish, as pylguest's
-emulate.py does), that row says why, with the console's lines below the
+run/emulate.py does), that row says why, with the console's lines below the
 table, and a TCG row takes its place.
 
 The command reaches the guest's init the way pylguest hands it: as one more

@@ -63,7 +63,7 @@ static void stop_handler(int signo)
 }
 
 /*
- * A wake is not a stop: a pause (a snapshot, stop.py's StopRequest.pause)
+ * A wake is not a stop: a pause (a snapshot, run/stop.py's StopRequest.pause)
  * needs the vCPU out of KVM_RUN for a moment and then back in.  So it
  * comes on a signal of its own, whose handler only sets immediate_exit
  * and records nothing.

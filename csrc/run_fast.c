@@ -16,7 +16,7 @@
  * to Python, which answers it with the full model.
  *
  * The bytes taken from THR go into a ring that Python empties into the
- * console (launcher/pylguest/fastpath.py): before it handles any exit C
+ * console (launcher/pylguest/run/fastpath.py): before it handles any exit C
  * hands back, so output stays in order, and from a thread woken by
  * kick_fd, because a guest that prints a prompt and halts makes no more
  * exits that would carry it out.  A full ring is one more rule that does
@@ -129,7 +129,7 @@ int pyl_run_fast(int vcpu_fd, struct kvm_run *run, struct pyl_fast *fp)
 
 /*
  * Python's side of the ring: up to `size` bytes into `buf`, oldest first.
- * One caller at a time (fastpath.py holds a lock).
+ * One caller at a time (run/fastpath.py holds a lock).
  */
 uint32_t pyl_fast_take(struct pyl_fast *fp, uint8_t *buf, uint32_t size)
 {

@@ -14,15 +14,17 @@ tests run both ways (FakeVcpu(fast=False) has no run_fast).
 
 import time
 
-from pylguest import layout, stop
+from pylguest import layout
 from pylguest._native import ffi, lib
 from pylguest.lguest.hypercall import LHCALL_SHUTDOWN, HypercallPage
 from pylguest.memory import GuestMemory, Region
 from pylguest.platform import i8042
 from pylguest.platform.ports import PortBus
-from pylguest.run_loop import RunLoop
-from pylguest.run_policy import request_stop_of_vcpu
-from pylguest.stop import StopRequest
+from pylguest.run import stop
+from pylguest.run.fastpath import FastPath
+from pylguest.run.loop import RunLoop
+from pylguest.run.policy import request_stop_of_vcpu
+from pylguest.run.stop import StopRequest
 
 RECORDER_PORT = 0x3F8
 RAM_TOP = 0x100000
@@ -195,7 +197,8 @@ class Rig:
         self.early = bytearray()
         self.reports = []
         self.recorder = recorder or Recorder()
-        self.ports = PortBus()
+        self.fast = FastPath() if fast else None
+        self.ports = PortBus(self.fast)
         self.ports.register(RECORDER_PORT, 8, "recorder", self.recorder)
         self.ports.register(i8042.BASE_PORT, i8042.PORT_COUNT, "i8042",
                             i8042.I8042(lambda: stop.reboot("i8042 reset")))
@@ -208,7 +211,7 @@ class Rig:
         self.stopping = StopRequest(
             on_request=request_stop_of_vcpu,
             signal_stop=signal_source or (lambda: self.signals[0] if self.signals else None))
-        self.loop = RunLoop(self.vcpu, self.ports, self.hypercalls, self.stopping)
+        self.loop = RunLoop(self.vcpu, self.ports, self.hypercalls, self.stopping, fast=self.fast)
 
     def write(self, data):                # the early console
         self.early += data

@@ -17,7 +17,7 @@ import time
 import pytest
 from virtio_rig import MEM_SIZE, DeviceRig, EarlyConsole, FakeVm, new_memory
 
-from pylguest import stop
+from pylguest.run import stop
 from pylguest.lguest import device_page
 from pylguest.lguest.bus import IRQ_POOL, BusRule, LguestBus, status_text
 from pylguest.lguest.hypercall import HypercallPage

@@ -4,7 +4,7 @@ import pytest
 from fake_vcpu import FakeVcpu, fill_refused
 
 from pylguest._native import ffi
-from pylguest.emulate import RFLAGS_AC, complete_refused_instruction, instruction_bytes
+from pylguest.run.emulate import RFLAGS_AC, complete_refused_instruction, instruction_bytes
 
 
 def kvm_run_with(insn, flags=None):

@@ -1,4 +1,4 @@
-"""The run loop (run_loop.py), driven by a fake vCPU through every exit kind.
+"""The run loop (run/loop.py), driven by a fake vCPU through every exit kind.
 
 No /dev/kvm: tests/fake_vcpu.py plays KVM's side of struct kvm_run.  Each
 test runs twice: through the Python handlers alone, and with the C fast
@@ -11,10 +11,11 @@ from fake_vcpu import (RECORDER_PORT, SYSTEM_EVENT_SHUTDOWN, Recorder, interrupt
                        io_in, io_out, look, mmio, mmio_answer, plain, refused, rigs,
                        shutdown_hypercall, system_event)
 
-from pylguest import layout, stop
+from pylguest import layout
+from pylguest.run import stop
 from pylguest._native import lib
 from pylguest.lguest.hypercall import LHCALL_NOTIFY
-from pylguest.stop import EXIT_LAUNCHER_ERROR
+from pylguest.run.stop import EXIT_LAUNCHER_ERROR
 
 
 @pytest.fixture(params=["python", "fast"])

@@ -1,4 +1,4 @@
-"""The run policy (run_policy.py): every way a run is stopped from outside.
+"""The run policy (run/policy.py): every way a run is stopped from outside.
 
 Through supervise(), as Machine.run() does it, around the real run loop and
 a fake vCPU (tests/fake_vcpu.py): the real C signal handler armed on the
@@ -14,9 +14,9 @@ import tty
 import pytest
 from fake_vcpu import interrupted, rigs, shutdown_hypercall
 
-from pylguest import stop
-from pylguest.run_policy import signal_stop, supervise
-from pylguest.stop import Stop
+from pylguest.run import stop
+from pylguest.run.policy import signal_stop, supervise
+from pylguest.run.stop import Stop
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from fake_vcpu import interrupted, rigs, shutdown_hypercall
 from test_snapshot_manifest import valid_manifest
 from virtio_rig import DeviceRig
 
-from pylguest import stop
+from pylguest.run import stop
 from pylguest.devices.agent_port import CONTROL_LIMIT, AgentPortDevice
 from pylguest.devices.console import PENDING_LIMIT, ConsoleDevice
 from pylguest.devices.rng import RngDevice

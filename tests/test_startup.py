@@ -89,7 +89,7 @@ def test_a_hello_run_imports_no_more_than_it_needs(kvm_available):
         "status = main(sys.argv[1:])",
         "run", str(hello), "--cmdline", "exit=0", "--timeout", "60")
     assert status == 0
-    assert "pylguest.run_loop" in modules
+    assert "pylguest.run.loop" in modules
     assert unwanted(modules) == []
 
 

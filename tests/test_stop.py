@@ -1,4 +1,4 @@
-"""Each way a guest run ends, and the exit status it gives (stop.py)."""
+"""Each way a guest run ends, and the exit status it gives (run/stop.py)."""
 
 import signal
 import time
@@ -6,7 +6,8 @@ import time
 import pytest
 
 from conftest import guest_path
-from pylguest import Guest, stop
+from pylguest import Guest
+from pylguest.run import stop
 
 
 def run_stop_guest(how, *, timeout=30, extra=""):
@@ -155,3 +156,21 @@ def test_the_guest_is_answered_at_once_while_its_disk_is_busy(kvm_available, sto
         assert guest.stop(timeout=30) == 143
     print(f"{what} with the disk busy: answered in {answered_ms} ms (guest clock)")
     assert answered_ms < 1000
+
+
+def test_an_exit_handler_returns_its_stop_and_never_requests_one():
+    """run/__init__.py's stop protocol: the code that answers exits (the
+    loop, the port bus and its devices, the hypercall page, the lguest
+    bus) hands a Stop up as its return value; only what stands outside the
+    loop (run/policy.py, the machine's API) calls StopRequest.request."""
+    import pathlib
+    import re
+    package = pathlib.Path(stop.__file__).resolve().parent.parent
+    handlers = [package / "run" / "loop.py", *(package / "platform").glob("*.py"),
+                *(package / "lguest").glob("*.py")]
+    assert len(handlers) >= 6
+    requesting = [path.relative_to(package).as_posix() for path in handlers
+                  if re.search(r"\.request\(", path.read_text())]
+    assert requesting == []
+    # The pattern finds the second door where it is used.
+    assert re.search(r"\.request\(", (package / "run" / "policy.py").read_text())

@@ -367,7 +367,7 @@ def fill_until_blocked(output, total=1 << 20):
 
 
 def test_a_producer_waits_for_room_then_gives_way_to_a_stop(pipe):
-    from pylguest.stop import StopRequest, timeout
+    from pylguest.run.stop import StopRequest, timeout
     stopping = StopRequest()
     output = ConsoleOutput(pipe.w, flush_delay=NEVER, stopping=stopping)
     # Nobody reads the pipe: the writer thread blocks once it is full,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "launcher"))
 from pylguest.errors import KvmError  # noqa: E402
 from pylguest.kvm import state  # noqa: E402
 from pylguest.machine import Machine, MachineConfig  # noqa: E402
-from pylguest.run_policy import supervise  # noqa: E402
+from pylguest.run.policy import supervise  # noqa: E402
 
 COUNT = "i=0; while [ $i -lt 12 ]; do echo tick $i; i=$((i + 1)); sleep 1; done"
 

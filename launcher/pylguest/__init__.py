@@ -1,8 +1,10 @@
 """pylguest: an lguest-style launcher on KVM, in Python.
 
 Start reading at docs/tour.md; the package's modules follow a hypervisor
-book's chapters: kvm/ (the VM and vCPU), memory.py (guest memory),
-boot/ (loading a kernel), machine.py (the run loop), uart.py, hypercall.py.
+book's chapters: kvm/ (the VM and vCPU), memory.py (guest memory), boot/
+(loading a kernel), machine.py (building the machine), run/ (the run loop
+and how a run ends), platform/ (the PC devices), lguest/ (the device page
+and the hypercalls), virtio/ and devices/ (the virtio devices).
 
 For scripted boots, `pylguest.Guest` runs a guest and talks to its console
 and, as a session (agent=True), runs commands and copies files in it;

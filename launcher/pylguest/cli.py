@@ -12,7 +12,7 @@
     pylguest info
 
 Exit status: the guest's own (LHCALL_SHUTDOWN: with `-- CMD`, the
-command's), or one of stop.py's: 2 for bad usage, 123 the guest halted,
+command's), or one of run/stop.py's: 2 for bad usage, 123 the guest halted,
 124 timeout, 125 triple fault or kernel panic, 128+N signal N, 1 for a
 launcher failure.  Errors are one line on stderr, never a traceback.
 """
@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 
-from pylguest import stop
+from pylguest.run import stop
 from pylguest.errors import BootError, PylguestError, UsageError
 from pylguest.hostfiles import ensure_standard_fds
 from pylguest.report import say

@@ -2,7 +2,7 @@
 
 from pylguest._native import lib
 from pylguest.boot.cmdline import EMULATING_KVM_CLEARCPUID, EMULATING_KVM_ENVIRONMENT
-from pylguest.emulate import COMPLETIONS
+from pylguest.run.emulate import COMPLETIONS
 from pylguest.errors import KvmError
 from pylguest.kvm import Kvm, detect_kvm_kind
 from pylguest.kvm.system import REQUIRED_CAPS

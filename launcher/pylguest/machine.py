@@ -16,8 +16,8 @@ A machine can also be built from a snapshot (snapshot/restore.py): steps
 step 2, and in place of step 3 the state it saved put back.  snapshot()
 saves a running machine, at a pause of its vCPU (snapshot/take.py).
 
-Running it is not this file's job: run_loop.py answers the vCPU's exits,
-and run_policy.py sets up what else may end a run (signals, --timeout,
+Running it is not this file's job: run/loop.py answers the vCPU's exits,
+and run/policy.py sets up what else may end a run (signals, --timeout,
 console input).  Machine.run() puts the two together.
 
 A construction that fails half-way (a bad image, a command line too long,
@@ -29,7 +29,7 @@ import os
 import time
 from typing import NamedTuple
 
-from pylguest import layout, stop
+from pylguest import layout
 from pylguest.boot import cmdline, loader
 from pylguest.boot.e820 import build_e820
 from pylguest.boot.setup import BootSetup, encode_cmdline, set_entry_state, write_boot_memory
@@ -46,9 +46,11 @@ from pylguest.memory import GuestMemory, plan_regions
 from pylguest.platform import i8042, uart
 from pylguest.platform.ports import PortBus
 from pylguest.report import GuestErrorLog, say
-from pylguest.run_loop import RunLoop
-from pylguest.run_policy import request_stop_of_vcpu, signal_stop, supervise, wake_vcpu
-from pylguest.trace import Tracer
+from pylguest.run import stop
+from pylguest.run.fastpath import FastPath
+from pylguest.run.loop import RunLoop
+from pylguest.run.policy import request_stop_of_vcpu, signal_stop, supervise, wake_vcpu
+from pylguest.run.trace import Tracer
 
 MiB = 1 << 20
 DEFAULT_MEM = 256 * MiB
@@ -105,7 +107,7 @@ class Machine:
 
     def _build(self):
         config = self.config
-        # The one way a run is asked to end (stop.py): from any thread, or
+        # The one way a run is asked to end (run/stop.py): from any thread, or
         # from a stop signal, which the C handler records.
         self.stopping = stop.StopRequest(on_request=request_stop_of_vcpu,
                                          signal_stop=signal_stop, on_pause=wake_vcpu)
@@ -130,7 +132,7 @@ class Machine:
 
     def _finish(self):
         self.run_loop = RunLoop(self.vcpu, self.ports, self.hypercalls, self.stopping,
-                                self.tracer)
+                                self.tracer, fast=self.fast)
         if self.config.control:
             from pylguest.control import ControlChannel
             self.control = ControlChannel(self.config.control, self)
@@ -287,9 +289,14 @@ class Machine:
     def _attach_devices(self, snapshot=None):
         self.uart = uart.Uart8250(lambda level: self.vm.irq_line(uart.COM1_IRQ, level),
                                   self.console)
-        self.ports = PortBus()
+        # The run loop's fast path: C answers the UART's and the unclaimed
+        # ports' exits, unless --trace must see every exit.
+        self.fast = None if self.tracer else FastPath()
+        self.ports = PortBus(self.fast)
         self.ports.register(uart.COM1_PORT, uart.PORT_COUNT, "uart", self.uart,
                             uart.REGISTER_NAMES)
+        if self.fast is not None:
+            self.uart.attach_fast(self.fast, uart.COM1_PORT)
         self.ports.register(i8042.BASE_PORT, i8042.PORT_COUNT, "i8042",
                             i8042.I8042(lambda: stop.reboot("i8042 reset (0xFE to port 0x64)")),
                             i8042.REGISTER_NAMES)

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from pylguest.stop import StopRequest
+from pylguest.run.stop import StopRequest
 
 FLUSH_SIZE = 4096         # bytes: write out as soon as the buffer holds this many
 FLUSH_DELAY = 0.010       # seconds: the longest an unfinished line waits

@@ -52,7 +52,7 @@ class Vcpu:
         return self._exit(lib.pyl_run(self.fd))
 
     def run_fast(self, table):
-        """run(), but the exits that fastpath.py's `table` covers are
+        """run(), but the exits that run/fastpath.py's `table` covers are
         answered in C, inside one call: it returns with the first exit
         Python must answer (or None)."""
         return self._exit(lib.pyl_run_fast(self.fd, self.kvm_run, table))

@@ -29,7 +29,7 @@ from pylguest.lguest import device_page
 from pylguest.lguest.device_page import VqConfig
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.memory import PAGE_SIZE, GuestMemory
-from pylguest.stop import Stop, StopRequest
+from pylguest.run.stop import Stop, StopRequest
 from pylguest.virtio.device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
                                     STATUS_FAILED, DeviceContext, DeviceState, QueueWorker)
 from pylguest.virtio.queue import vring_size

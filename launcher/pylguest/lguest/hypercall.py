@@ -25,8 +25,9 @@ a guest error: reported, and the guest goes on.
 import struct
 from typing import Callable
 
-from pylguest import layout, stop
-from pylguest.stop import ExitResult, Stop
+from pylguest import layout
+from pylguest.run import stop
+from pylguest.run.stop import ExitResult, Stop
 
 LHCALL_NOTIFY = 0x00
 LHCALL_SHUTDOWN = 0x08

@@ -8,7 +8,7 @@ ready for a command", so a guest probing for one gives up quickly.
 
 from typing import Callable
 
-from pylguest.stop import ExitResult, Stop
+from pylguest.run.stop import ExitResult, Stop
 
 BASE_PORT = 0x60
 PORT_COUNT = 5                 # 0x60 data .. 0x64 command/status

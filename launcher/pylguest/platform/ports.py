@@ -5,16 +5,16 @@ IOAPIC are in-kernel.  A port nobody claims reads as all ones (a floating
 ISA bus, which is how Linux discovers that COM2 is absent) and ignores
 writes.
 
-The bus also keeps the table the run loop's fast path answers from in C
-(fastpath.py): every port registered here is marked claimed there, so C
-answers only the ports nobody claims, and a device that can let C answer
-some of its own registers (the UART) gets the table through attach_fast().
+Given the run loop's fast path (run/fastpath.py), the bus marks every port
+registered here claimed in its table, so C answers only the ports nobody
+claims.  The machine attaches the one device that lets C answer some of
+its own registers (the UART) to the same table.
 """
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Optional, Protocol
 
-from pylguest.fastpath import FastPath
-from pylguest.stop import ExitResult
+from pylguest.run.fastpath import FastPath
+from pylguest.run.stop import ExitResult
 
 
 class PortDevice(Protocol):
@@ -39,9 +39,12 @@ class PortRange(NamedTuple):
 
 
 class PortBus:
-    def __init__(self):
+    """Ports to devices; `fast`, the fast path's table to publish claims
+    to, or None when the run loop has no fast path (--trace)."""
+
+    def __init__(self, fast: Optional[FastPath] = None):
         self._by_port = {}
-        self.fast = FastPath()
+        self.fast = fast
 
     def register(self, base: int, count: int, name: str, device: PortDevice,
                  register_names=()) -> None:
@@ -50,10 +53,8 @@ class PortBus:
             if port in self._by_port:
                 raise ValueError(f"port 0x{port:x} claimed twice")
             self._by_port[port] = entry
-            self.fast.claim(port)
-        attach_fast = getattr(device, "attach_fast", None)
-        if attach_fast is not None:
-            attach_fast(self.fast, base)
+            if self.fast is not None:
+                self.fast.claim(port)
 
     def io_in(self, port: int, size: int) -> int:
         entry = self._by_port.get(port)

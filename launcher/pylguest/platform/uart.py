@@ -40,7 +40,7 @@ deliver their level changes in the wrong order and leave the line low
 while an interrupt is pending.  Order: `_line_lock` before `_lock`.
 
 The fast path.  The run loop answers the two registers a console uses per
-character -- THR writes and LSR reads -- in C (fastpath.py), but only
+character -- THR writes and LSR reads -- in C (run/fastpath.py), but only
 while our model would answer them the same way, and we say when that is
 (`_publish`, after every change, under `_lock`):
 

@@ -7,7 +7,7 @@ MMIO read its bytes, a refused instruction its completion) and returns the
 handler's verdict:
 
     None    go on: KVM_RUN again
-    a Stop  the run is over (stop.py lists every kind)
+    a Stop  the run is over (run/stop.py lists every kind)
 
 That is the whole stop protocol of an exit: the port bus, the i8042, the
 hypercall page and the lguest bus hand their handlers' verdicts up the same
@@ -19,25 +19,28 @@ The fast path.  Most exits are the same few port accesses -- the 8250's
 THR and LSR (a serial console costs two exits per character) and ports
 nobody claims -- and a trip through Python for each would cost more than
 the exit.  So the loop calls vcpu.run_fast() with the port bus's table
-(fastpath.py): C runs KVM_RUN again and again, answers those exits from
+(run/fastpath.py): C runs KVM_RUN again and again, answers those exits from
 the table that the port bus and the UART keep up to date, and returns only
 with an exit the handlers below must answer, or EINTR.  Before answering
 that exit, the loop drains the console bytes C collected, so output stays
 in order.  The exits C answered count in exit_counts too (--stats).
-The fast path is off when a tracer is given (--trace shows every exit, so
-every exit goes through Python and is decoded here), and when the vCPU
-offers no run_fast.  It is the same on hardware and on emulating KVM: it
+The loop is given its fast path or not (`fast`): machine.py gives none
+under --trace, which shows every exit, so every exit goes through Python
+and is decoded here.  It is the same on hardware and on emulating KVM: it
 saves the trip through Python, not an emulation step.
 
 The loop needs of its vCPU only run(), kvm_run, io_data() and the register
-calls (kvm/vcpu.py's Vcpu), and run_fast() where it has one, so a test can
-drive it with a fake one.
+calls (kvm/vcpu.py's Vcpu), and run_fast() when it is given a fast path,
+so a test can drive it with a fake one.
 """
 
-from pylguest import stop
+from typing import Optional
+
 from pylguest._native import ffi, lib
-from pylguest.emulate import complete_refused_instruction, instruction_bytes
-from pylguest.stop import ExitResult, Stop, StopRequest
+from pylguest.run import stop
+from pylguest.run.emulate import complete_refused_instruction, instruction_bytes
+from pylguest.run.fastpath import FastPath
+from pylguest.run.stop import ExitResult, Stop, StopRequest
 
 REGISTER_NAMES = ("rip", "rsp", "rbp", "rflags", "rax", "rbx", "rcx", "rdx",
                   "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -53,19 +56,20 @@ def exit_reason_names():
 
 class RunLoop:
     """One vCPU's loop, with what answers its exits: `ports` (port I/O),
-    `mmio` (the hypercall page, the only MMIO we serve) and `stopping`."""
+    `mmio` (the hypercall page, the only MMIO we serve) and `stopping`;
+    `fast`, the FastPath whose table C answers the common port exits from
+    (the one the port bus and the UART publish to), or None: every exit
+    through Python."""
 
-    def __init__(self, vcpu, ports, mmio, stopping: StopRequest, tracer=None):
+    def __init__(self, vcpu, ports, mmio, stopping: StopRequest, tracer=None,
+                 fast: Optional[FastPath] = None):
         self.vcpu = vcpu
         self.ports = ports
         self.mmio = mmio
         self.stopping = stopping
         self.tracer = tracer
+        self.fast = fast
         self._counts = {}                  # KVM exit reason (None: EINTR) -> count
-        # C answers the common port exits, unless every exit must be traced.
-        self.fast = None
-        if tracer is None and getattr(vcpu, "run_fast", None) is not None:
-            self.fast = getattr(ports, "fast", None)
         self.handlers = {
             lib.KVM_EXIT_IO: self._exit_io,
             lib.KVM_EXIT_MMIO: self._exit_mmio,
@@ -161,7 +165,7 @@ class RunLoop:
         return stop.triple_fault(self.registers_text())
 
     def _exit_internal_error(self) -> ExitResult:
-        # Only an emulating KVM refuses the instructions emulate.py knows;
+        # Only an emulating KVM refuses the instructions run/emulate.py knows;
         # on hardware KVM an internal error is always the end of the run.
         kvm_run = self.vcpu.kvm_run
         insn = instruction_bytes(kvm_run)

@@ -7,7 +7,7 @@
   * console input: a thread reads the terminal (or a pipe) and hands the
     bytes to the guest; on a terminal, Ctrl-A x asks for stop.user_quit().
 
-All of them ask through the one StopRequest (stop.py), whose on_request
+All of them ask through the one StopRequest (run/stop.py), whose on_request
 wakes the vCPU thread; the run loop then returns the Stop.  Whatever ends
 the run, everything set up here is taken down again before supervise()
 returns, and the console is flushed.
@@ -18,10 +18,10 @@ import signal
 import threading
 from typing import Callable, Optional
 
-from pylguest import stop
+from pylguest.run import stop
 from pylguest._native import ffi, lib
 from pylguest.hostconsole.terminal import InputReader
-from pylguest.stop import Stop
+from pylguest.run.stop import Stop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
