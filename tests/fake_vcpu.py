@@ -206,7 +206,7 @@ class Rig:
         self.vcpu = FakeVcpu(script, fast=fast)
         # The run loop's tests give a signal source of their own: the C
         # handler's record (signal_stop) is process-wide and is reset only
-        # when supervise() arms it, as run_policy's tests do.
+        # when supervise() arms it, as run/policy.py's tests do.
         self.signals = []
         self.stopping = StopRequest(
             on_request=request_stop_of_vcpu,

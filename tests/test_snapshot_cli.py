@@ -121,41 +121,35 @@ def test_a_restored_guest_goes_on_from_the_snapshot(echo_snapshot):
         guest.kill()
 
 
-def test_two_restores_run_side_by_side(echo_snapshot):
+@pytest.fixture(params=["fresh", "forked"])
+def launch(request):
+    """How a restore starts: a fresh `python -m pylguest run --restore`,
+    or Guest.restore's way, forked from a warm launcher (forkserver.py)."""
+    if request.param == "fresh":
+        yield lambda *args: Running(*args)
+        return
+    from pylguest.forkserver import ForkServer
+    server = ForkServer(ENV)
+    try:
+        yield lambda *args: Running(*args, forkserver=server)
+    finally:
+        server.close()
+
+
+def test_two_restores_run_side_by_side(echo_snapshot, launch):
     path, _ = echo_snapshot
-    first, second = restored(path), restored(path)
+    first, second = launch("--restore", str(path)), launch("--restore", str(path))
     try:
         first.type(b"one")
         second.type(b"two")
         first.expect(b"ONE")
         second.expect(b"TWO")
         assert b"TWO" not in first.seen and b"ONE" not in second.seen
+        assert b"echo: ready" not in first.seen + second.seen     # neither booted again
         assert first.finish() == 0 and second.finish() == 0
     finally:
         first.kill()
         second.kill()
-
-
-def test_restores_forked_from_the_fork_server_go_on_side_by_side(echo_snapshot):
-    """Guest.restore's way (forkserver.py): launchers forked from a warm one."""
-    from pylguest.forkserver import ForkServer
-    path, _ = echo_snapshot
-    server = ForkServer(ENV)
-    try:
-        first = Running("--restore", str(path), forkserver=server)
-        second = Running("--restore", str(path), forkserver=server)
-        try:
-            first.type(b"one")
-            second.type(b"two")
-            first.expect(b"ONE")
-            second.expect(b"TWO")
-            assert b"TWO" not in first.seen and b"echo: ready" not in first.seen
-            assert first.finish() == 0 and second.finish() == 0
-        finally:
-            first.kill()
-            second.kill()
-    finally:
-        server.close()
 
 
 def test_the_snapshot_is_sparse_and_the_manifest_says_what_it_holds(echo_snapshot):
