@@ -1,11 +1,12 @@
 """Block backend throughput: four request shapes through the ring, each
-against plain preadv/pwritev on the same file.
+against plain preadv/pwritev on the same file, from Python and from C, and
+with --o-direct against fio's io_uring at queue depth 32.
 
 The shapes: 64 KiB sequential reads, 4 KiB random reads, 64 KiB
 sequential writes, 4 KiB random writes.  Both sides issue the same
 requests (the same offsets, in the same order; random offsets come from a
-fixed seed) to the same file: plain side with os.preadv/os.pwritev and one
-buffer, ring side through a BlockDevice, with tests/ring_builder.py's RingBuilder
+fixed seed) to the same file, into or out of as many buffers (one per
+request of a batch): plain side with os.preadv/os.pwritev, ring side through a BlockDevice, with tests/ring_builder.py's RingBuilder
 playing the guest driver (guest kernel code is emulated on some of our
 machines, far too slow to drive a disk).  The stand-in driver fills the
 ring with up to NUM // 3 requests (three descriptors each: header, data,
@@ -21,13 +22,25 @@ the cache (settle(): why, there), so every write run starts the same way.  --o-d
 plain buffer is an mmap and the guest buffers are page aligned, as
 O_DIRECT needs), which measures the disk instead.
 
+The baselines.  `plain` is os.preadv/os.pwritev from Python, one call per
+request: what a Python backend would cost.  `C` is the same loop in C
+(bench/block_baseline.c, built into bench/build/ by this script): the
+system calls' own cost, the floor for one request at a time.  With
+--o-direct, `fio` is fio's io_uring engine at queue depth 32 (the depth
+blk.c keeps in flight) on the same file and shape: the floor for requests
+in flight together.  fio is a Debian package (`apt-get install fio`);
+without it that column says n/a.
+
     python bench/block_throughput.py [--size-mib 256] [--random-requests 32768]
                                      [--o-direct] [--shapes seq-read,rand-read,...]
 """
 
 import argparse
+import json
 import mmap
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +54,10 @@ from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN, VIRTIO_
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from ring_builder import RingBuilder
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+C_BASELINE = os.path.join(BENCH, "build", "block_baseline")
+FIO_DEPTH = 32                    # blk.c's DEPTH: requests in flight at most
 
 QUEUE_PFN = 0x10                  # ring at 64 KiB; headers, statuses, data above it
 NUM = 128                         # the block device's queue size
@@ -71,17 +88,56 @@ def pattern(length):
 
 
 def plain(fd, write, request, offsets):
-    """The same requests with os.preadv/os.pwritev and one page-aligned buffer."""
-    buffer = mmap.mmap(-1, request)              # page aligned, for O_DIRECT
-    buffer[:] = pattern(request).tobytes()
+    """The same requests with os.preadv/os.pwritev, request i into buffer
+    i % BATCH: as much memory as the ring side's batch of buffers."""
+    mapping = mmap.mmap(-1, request * BATCH)      # page aligned, for O_DIRECT
+    mapping[:] = np.tile(pattern(request), BATCH).tobytes()
+    view = memoryview(mapping)
+    buffers = [view[i * request:(i + 1) * request] for i in range(BATCH)]
     call = os.pwritev if write else os.preadv
     moved = 0
     start = time.perf_counter()
-    for offset in offsets.tolist():
-        moved += call(fd, [buffer], offset)
+    for i, offset in enumerate(offsets.tolist()):
+        moved += call(fd, [buffers[i % BATCH]], offset)
     elapsed = time.perf_counter() - start
-    buffer.close()
+    del buffers
+    view.release()
+    mapping.close()
     return elapsed, moved
+
+
+def build_c_baseline():
+    os.makedirs(os.path.dirname(C_BASELINE), exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", C_BASELINE,
+                    os.path.join(BENCH, "block_baseline.c")], check=True)
+
+
+def c_loop(path, write, request, offsets, o_direct):
+    """The same requests from bench/block_baseline.c: (seconds, bytes)."""
+    with tempfile.NamedTemporaryFile(prefix="pylguest-offsets-") as f:
+        f.write(np.asarray(offsets, dtype="<u8").tobytes())
+        f.flush()
+        out = subprocess.run([C_BASELINE, path, "write" if write else "read", str(request),
+                              f.name, "direct" if o_direct else "cached", str(BATCH)],
+                             capture_output=True, text=True, check=True, timeout=600)
+    seconds, moved = out.stdout.split()
+    return float(seconds), int(moved)
+
+
+def fio_rate(path, shape, request, count):
+    """fio's io_uring, queue depth FIO_DEPTH, O_DIRECT: bytes per second
+    for `count` requests of the shape, or None without fio."""
+    if shutil.which("fio") is None:
+        return None
+    write, _, rand = SHAPES[shape]
+    rw = ("rand" if rand else "") + ("write" if write else "read")
+    out = subprocess.run(["fio", "--name=baseline", f"--filename={path}", f"--rw={rw}",
+                          f"--bs={request}", "--ioengine=io_uring", f"--iodepth={FIO_DEPTH}",
+                          "--direct=1", f"--number_ios={count}", "--randrepeat=1",
+                          "--output-format=json"],
+                         capture_output=True, text=True, check=True, timeout=600)
+    job = json.loads(out.stdout)["jobs"][0]
+    return job["write" if write else "read"]["bw_bytes"]
 
 
 def through_the_ring(path, write, request, offsets, o_direct):
@@ -98,8 +154,9 @@ def through_the_ring(path, write, request, offsets, o_direct):
     status_view = memory.view(statuses, BATCH)
     data_base = (ring.alloc(BATCH * request + 4096) + 4095) & ~4095
     data = [data_base + i * request for i in range(BATCH)]
-    if write:
-        memory.view(data_base, BATCH * request)[:] = np.tile(pattern(request), BATCH)
+    # The buffers are resident, as a running guest's are (its driver has
+    # used them): a fresh memfd's first touch is not the device's cost.
+    memory.view(data_base, BATCH * request)[:] = np.tile(pattern(request), BATCH)
     kind = VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN
     elapsed = 0.0                 # only the device's work: service()
     served = 0
@@ -174,6 +231,7 @@ def main():
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     size = args.size_mib << 20
+    build_c_baseline()
     with make_file(args.dir, size) as f:
         flags = os.O_RDWR | (os.O_DIRECT if args.o_direct else 0)
         fd = os.open(f.name, flags)
@@ -184,12 +242,16 @@ def main():
             write, kib, _ = SHAPES[shape]
             request = kib << 10
             offsets = offsets_for(shape, size, args.random_requests)
-            best_plain = best_ring = float("inf")
-            for _ in range(args.repeat):          # alternate, so load drift hits both
+            best_plain = best_c = best_ring = float("inf")
+            for _ in range(args.repeat):          # alternate, so load drift hits every side
                 if write:
                     settle(fd)
                 t, moved_plain = plain(fd, write, request, offsets)
                 best_plain = min(best_plain, t)
+                if write:
+                    settle(fd)
+                t, moved_c = c_loop(f.name, write, request, offsets, args.o_direct)
+                best_c = min(best_c, t)
                 if write:
                     settle(fd)
                 t, moved_ring = through_the_ring(f.name, write, request, offsets, args.o_direct)
@@ -197,13 +259,19 @@ def main():
             if write:
                 os.fdatasync(fd)
             expected = len(offsets) * request
-            assert moved_plain == moved_ring == expected, (moved_plain, moved_ring, expected)
+            assert moved_plain == moved_c == moved_ring == expected, \
+                (moved_plain, moved_c, moved_ring, expected)
             if write:                             # what the guest wrote is in the file
                 check = mmap.mmap(-1, request)
                 os.preadv(fd, [check], int(offsets[-1]))
                 assert check[:] == pattern(request).tobytes(), "written data not in the file"
                 check.close()
-            rows.append((shape, len(offsets), expected, best_plain, best_ring))
+            fio = None
+            if args.o_direct:                     # after the check: fio writes data of its own
+                if write:
+                    settle(fd)
+                fio = fio_rate(f.name, shape, request, len(offsets))
+            rows.append((shape, len(offsets), expected, best_plain, best_c, best_ring, fio))
         os.close(fd)
         where = f"{args.dir} ({fstype(f.name)})"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -212,14 +280,21 @@ def main():
     print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
     print(f"ring: up to {BATCH} requests per service() call (queue of {NUM}); "
           f"only service() timed; best of {args.repeat}")
-    print(f"{'':26}{'requests':>9}{'MiB/s':>9}{'MiB/s':>9}{'us/req':>9}{'us/req':>9}"
-          f"{'ring/':>8}")
-    print(f"{'':26}{'':>9}{'plain':>9}{'ring':>9}{'plain':>9}{'ring':>9}{'plain':>8}")
-    for shape, n, moved, tp, tr in rows:
+    if args.o_direct:
+        print(f"fio: io_uring, queue depth {FIO_DEPTH}, O_DIRECT, the same shape and count"
+              + ("" if shutil.which("fio") else " (n/a: fio is not installed)"))
+    print(f"{'':26}{'requests':>9}{'MiB/s':>9}{'MiB/s':>9}{'MiB/s':>9}{'MiB/s':>9}"
+          f"{'us/req':>9}{'us/req':>9}{'ring/':>8}{'ring/':>8}{'ring/':>8}")
+    print(f"{'':26}{'':>9}{'plain':>9}{'C':>9}{'fio':>9}{'ring':>9}{'C':>9}{'ring':>9}"
+          f"{'plain':>8}{'C':>8}{'fio':>8}")
+    for shape, n, moved, tp, tc, tr, fio in rows:
         mib = moved / (1 << 20)
-        print(f"{LABELS[shape]:26}{n:9d}{mib / tp:9.0f}{mib / tr:9.0f}"
-              f"{tp / n * 1e6:9.1f}{tr / n * 1e6:9.1f}{tp / tr:8.2f}")
-    print("ring/plain: throughput through the ring over plain throughput (1.00: no overhead)")
+        fio_mib = f"{fio / (1 << 20):9.0f}" if fio else f"{'n/a':>9}"
+        fio_ratio = f"{(mib / tr) / (fio / (1 << 20)):8.2f}" if fio else f"{'':>8}"
+        print(f"{LABELS[shape]:26}{n:9d}{mib / tp:9.0f}{mib / tc:9.0f}{fio_mib}{mib / tr:9.0f}"
+              f"{tc / n * 1e6:9.1f}{tr / n * 1e6:9.1f}{tp / tr:8.2f}{tc / tr:8.2f}{fio_ratio}")
+    print("ring/X: throughput through the ring over X's (1.00: as fast as X; fio only "
+          "with --o-direct)")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,12 @@ NO_SITE_PATH = os.pathsep.join([LAUNCHER] + [p for p in sys.path if p])
 ANONYMOUS_MEMORY = """
 import mmap, sys
 from pylguest import memory
-def anonymous(self, regions):
+def anonymous(self, regions, private_file=None):
+    assert private_file is None
     self.regions = tuple(regions)
     self.size = sum(r.size for r in self.regions)
+    self.private = False
+    self._c_memory = None
     self.fd = -1
     self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
                           | getattr(mmap, "MAP_NORESERVE", 0))

@@ -1,5 +1,5 @@
 """Net backend throughput: frames per second through the rings, against
-plain reads and writes on the same tap.
+plain reads and writes on the same tap, from Python and from C.
 
 A tap interface of our own (pylb<pid>, gone when its fd closes) is opened
 by a NetDevice, exactly as the launcher opens one (IFF_TAP | IFF_NO_PI |
@@ -17,6 +17,11 @@ they wait on its fd), a batch at a time; the device then takes them into
 posted receive buffers (virtio_net_hdr, then room for 1514 bytes: two
 descriptors) in one service() of receiveq.  Plain: os.readv of the same
 batch from the same tap fd into one buffer, until EAGAIN.
+
+The C column (tap rows): the same writes, and the same reads until
+EAGAIN, from a C loop (bench/net_baseline.c, built into bench/build/ by
+this script and called through ctypes, once per transmit run and once per
+receive batch): the system calls' own cost, the floor for the device.
 
 As in block_throughput.py, tests/ring_builder.py's RingBuilder plays the guest
 driver and only service() is timed (the device's receive thread is not
@@ -42,7 +47,10 @@ exits 0 (the user-mode rows need neither, and are printed all the same).
 """
 
 import argparse
+import ctypes
 import os
+import select
+import subprocess
 import socket
 import struct
 import sys
@@ -50,6 +58,9 @@ import time
 
 # The tests' mock guest driver (tests/ring_builder.py) plays the guest here.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+C_BASELINE = os.path.join(BENCH, "build", "net_baseline.so")
 
 NUM = 256                          # the net device's queue size
 BATCH = NUM // 2                   # chains per service(): 2 descriptors each
@@ -115,14 +126,30 @@ class Bench:
         self.memory.close()
 
 
+def c_baseline():
+    """bench/net_baseline.c, built and loaded."""
+    os.makedirs(os.path.dirname(C_BASELINE), exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-shared", "-fPIC", "-o", C_BASELINE,
+                    os.path.join(BENCH, "net_baseline.c")], check=True)
+    lib = ctypes.CDLL(C_BASELINE)
+    lib.net_baseline_transmit.restype = ctypes.c_double
+    lib.net_baseline_transmit.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
+                                          ctypes.c_uint64]
+    lib.net_baseline_receive.restype = ctypes.c_long
+    lib.net_baseline_receive.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
 def transmit(bench, length, frames):
-    """(plain seconds, ring seconds) for `frames` frames of `length` bytes."""
+    """(plain seconds, C seconds, ring seconds) for `frames` frames of `length` bytes."""
     fd = bench.device.tap
     data = VNET_HDR + frame(length)
     start = time.perf_counter()
     for _ in range(frames):
         os.write(fd, data)
     plain = time.perf_counter() - start
+    in_c = bench.c.net_baseline_transmit(fd, data, len(data), frames)
+    assert in_c >= 0, "the C loop's write failed"
     for body in bench.body:
         bench.memory.write(body, data[len(VNET_HDR):])
     for hdr in bench.hdr:
@@ -135,7 +162,7 @@ def transmit(bench, length, frames):
     sent = bench.device.frames_sent - before
     assert sent == frames // BATCH * BATCH and not bench.device.frames_dropped, \
         (sent, bench.device.frames_dropped)
-    return plain, ring
+    return plain, in_c, ring
 
 
 def inject(peer, data, count):
@@ -153,7 +180,8 @@ def drain(fd):
 
 
 def receive(bench, peer, length, frames):
-    """(plain seconds, ring seconds, frames each side took) for `frames` frames."""
+    """(plain seconds, C seconds, ring seconds, frames each side took) for
+    `frames` frames."""
     fd = bench.device.tap
     data = frame(length)
     buffer = bytearray(len(VNET_HDR) + ROOM)
@@ -171,10 +199,20 @@ def receive(bench, peer, length, frames):
             pass
         plain += time.perf_counter() - start
     drain(fd)
+    in_c, got_c = 0.0, 0
+    c_buffer = ctypes.create_string_buffer(len(buffer))
+    for _ in range(batches):
+        inject(peer, data, BATCH)
+        start = time.perf_counter()
+        got = bench.c.net_baseline_receive(fd, c_buffer, len(buffer))
+        in_c += time.perf_counter() - start
+        assert got >= 0, "the C loop's read failed"
+        got_c += got
+    drain(fd)
     # drain: anything the ring had no room for (none expected)
     ring, got_ring = ring_receive(bench, batches, length, lambda: inject(peer, data, BATCH),
                                   after=lambda: drain(fd))
-    return plain, ring, got_plain, got_ring
+    return plain, in_c, ring, got_plain, got_c, got_ring
 
 
 def ring_receive(bench, batches, length, deliver, after=lambda: None):
@@ -232,7 +270,12 @@ def stream_transmit(bench, sink, length, frames):
     start_bytes = sink.bytes
     start = time.perf_counter()
     for _ in range(frames):
-        os.write(fd, wire)
+        while True:
+            try:
+                os.write(fd, wire)
+                break
+            except BlockingIOError:           # the sink is behind: wait, as a writer would
+                select.select([], [fd], [])
     plain = time.perf_counter() - start
     sink.wait_for(start_bytes + frames * len(wire))
     for body in bench.body:
@@ -273,7 +316,8 @@ def stream_receive(bench, peer, length, frames):
 
 
 def user_rows(sizes, frames, repeat):
-    """The user-mode rows: (name, plain frames, ring frames, plain s, ring s)."""
+    """The user-mode rows: (name, plain frames, C frames, ring frames,
+    plain s, C s, ring s); no C loop here (0, 0: n/a)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for sock in (ours, theirs):           # passt's socket buffers are the kernel's defaults
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -293,8 +337,9 @@ def user_rows(sizes, frames, repeat):
                 rp, rr, gp, gr = stream_receive(bench, theirs, length, frames)
                 best = [min(b, t) for b, t in zip(best, (tp, tr, rp, rr))]
                 counts = (gp, gr)
-            rows.append((f"user transmit {length} B", frames, frames, best[0], best[1]))
-            rows.append((f"user receive {length} B", *counts, best[2], best[3]))
+            rows.append((f"user transmit {length} B", frames, 0, frames, best[0], 0, best[1]))
+            rows.append((f"user receive {length} B", counts[0], 0, counts[1], best[2], 0,
+                         best[3]))
     finally:
         bench.close()
         theirs.close()
@@ -326,7 +371,7 @@ def main():
     else:
         tap_rows, tap = tap_bench(sizes, frames, args.repeat)
     user = user_rows(sizes, frames, args.repeat)
-    tap_ring = {name: nr / tr for name, _, nr, _, tr in tap_rows}
+    tap_ring = {name: nr / tr for name, _, _, nr, _, _, tr in tap_rows}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if tap:
         print(f"net device vs plain tap I/O: tap {tap} (IFF_VNET_HDR), {frames} frames per run")
@@ -335,17 +380,24 @@ def main():
     print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
     print(f"ring: up to {BATCH} chains per service() call (queues of {NUM}); "
           f"only service() timed; best of {args.repeat}")
-    print(f"{'':24}{'frames':>16}{'kfps':>9}{'kfps':>9}{'us/frame':>10}{'us/frame':>10}"
-          f"{'ring/':>8}{'user/':>8}")
-    print(f"{'':24}{'plain/ring':>16}{'plain':>9}{'ring':>9}{'plain':>10}{'ring':>10}"
-          f"{'plain':>8}{'tap':>8}")
-    for name, np_, nr, tp, tr in tap_rows + user:
+    print(f"{'':20}{'kfps':>8}{'kfps':>8}{'kfps':>8}{'us/frame':>10}{'us/frame':>10}"
+          f"{'ring/':>8}{'ring/':>8}{'user/':>8}")
+    print(f"{'':20}{'plain':>8}{'C':>8}{'ring':>8}{'C':>10}{'ring':>10}"
+          f"{'plain':>8}{'C':>8}{'tap':>8}")
+    for name, np_, nc, nr, tp, tc, tr in tap_rows + user:
         fp, fr = np_ / tp, nr / tr
+        fc = nc / tc if tc else None
         twin = tap_ring.get(name.removeprefix("user "))
         versus = f"{fr / twin:8.2f}" if name.startswith("user ") and twin else ""
-        print(f"{name:24}{f'{np_}/{nr}':>16}{fp / 1e3:9.0f}{fr / 1e3:9.0f}"
-              f"{tp / np_ * 1e6:10.2f}{tr / nr * 1e6:10.2f}{fr / fp:8.2f}{versus}")
-    print("ring/plain: frames per second through the ring over plain (1.00: no overhead); "
+        c_rate = f"{fc / 1e3:8.0f}" if fc else f"{'n/a':>8}"
+        c_us = f"{tc / nc * 1e6:10.2f}" if fc else f"{'':>10}"
+        c_ratio = f"{fr / fc:8.2f}" if fc else f"{'':>8}"
+        print(f"{name:20}{fp / 1e3:8.0f}{c_rate}{fr / 1e3:8.0f}{c_us}{tr / nr * 1e6:10.2f}"
+              f"{fr / fp:8.2f}{c_ratio}{versus}")
+    print("frames per run: " + "; ".join(f"{name} {np_}/{nc}/{nr}" for name, np_, nc, nr, *_ in
+                                         tap_rows + user) + " (plain/C/ring)")
+    print("ring/X: frames per second through the ring over X's (1.00: as fast as X; C for "
+          "the tap rows only); "
           "user/tap: the user row's ring over the tap row's ring (target 0.50)")
     if tap:
         gone = not os.path.exists(f"/sys/class/net/{tap}")
@@ -374,17 +426,18 @@ def tap_bench(sizes, frames, repeat):
             print(f"net_throughput: tap rows skipped: cannot bring up {tap} or open a "
                   f"packet socket: {e}")
             return [], None
+        bench.c = c_baseline()
         rows = []
         for length in sizes:
-            best = [float("inf")] * 4
+            best = [float("inf")] * 6
             counts = None
-            for _ in range(repeat):               # alternate, so load drift hits both
-                tp, tr = transmit(bench, length, frames)
-                rp, rr, gp, gr = receive(bench, peer, length, frames)
-                best = [min(b, t) for b, t in zip(best, (tp, tr, rp, rr))]
-                counts = (gp, gr)
-            rows.append((f"transmit {length} B", frames, frames, best[0], best[1]))
-            rows.append((f"receive {length} B", *counts, best[2], best[3]))
+            for _ in range(repeat):               # alternate, so load drift hits every side
+                tp, tc, tr = transmit(bench, length, frames)
+                rp, rc, rr, gp, gc, gr = receive(bench, peer, length, frames)
+                best = [min(b, t) for b, t in zip(best, (tp, tc, tr, rp, rc, rr))]
+                counts = (gp, gc, gr)
+            rows.append((f"transmit {length} B", frames, frames, frames, *best[0:3]))
+            rows.append((f"receive {length} B", *counts, *best[3:6]))
     finally:
         if peer is not None:
             peer.close()

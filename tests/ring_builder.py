@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 
+from pylguest._native import ffi
 from pylguest.virtio.queue import (
     DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     vring_addresses, vring_size)
@@ -25,6 +26,18 @@ DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"),
                        ("flags", "<u2"), ("next", "<u2")])
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 assert DESC_DTYPE.itemsize == DESC_SIZE and USED_ELEM_DTYPE.itemsize == 8
+
+
+def before_enabling_kicks(queue, callback):
+    """Call `callback()` (None: nothing) each time the Virtqueue `queue`'s
+    pop_with_notify() finds the ring empty, just before it turns kicks back
+    on -- the moment a racing driver's publish is hardest to see.  The C
+    ring's `before_enable` hook (csrc/pylguest.h) is NULL outside tests."""
+    if callback is None:
+        queue.c.before_enable, queue.test_hook = ffi.NULL, None
+        return
+    queue.test_hook = ffi.callback("void(void *)", lambda _data: callback())   # kept alive
+    queue.c.before_enable = queue.test_hook
 
 
 class RingBuilder:

@@ -57,7 +57,7 @@ from pylguest.devices.rng import RngDevice
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
 from pylguest.virtio.queue import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
-from ring_builder import DESC_DTYPE, RingBuilder
+from ring_builder import DESC_DTYPE, RingBuilder, before_enabling_kicks
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.usefixtures("peak_rss_bounded")]
 
@@ -706,7 +706,7 @@ class Race:
         self.memory, self.event_idx, self.late_idx = bench.memory, event_idx, late_idx
         self.driver_ring, self.ring = bench.drivers[index].ring, bench.model_rings[index]
         self.queue, self.published, self.kicked = bench.queues[index], False, False
-        self.queue.before_enabling_kicks(self._publish)
+        before_enabling_kicks(self.queue, self._publish)
 
     def publish_in_model(self, memory):
         memory.write(self.ring.avail + 2, self.late_idx.to_bytes(2, "little"))
@@ -726,7 +726,7 @@ class Race:
         return not self.memory.read_int(self.ring.used_flags, 2) & model.USED_NO_NOTIFY
 
     def close(self):
-        self.queue.before_enabling_kicks(None)
+        before_enabling_kicks(self.queue, None)
 
 
 def check_exactly(fuzz, expected, kick, interrupts_before):

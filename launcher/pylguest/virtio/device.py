@@ -16,6 +16,19 @@ nothing until the guest resets it.  Only activate(), reset() and
 mark_broken() change the state: the transport calls the first two on the
 guest's status writes, and a guest's mistake calls the third.
 
+One kick, four layers, each a seam of its own (the tour follows a block
+request through them):
+
+    LguestBus.kicked(entry, index)  the transport: a kick before DRIVER_OK
+                                    starts the device (lguest/bus.py)
+    service(index)                  the policy, the same for every device:
+                                    the lock, the state, a guest's mistake
+                                    to a broken device, the interrupt
+    process(index, vq)              the device's own: serve queue `index`
+                                    (block and net hand it to a C loop)
+    drain(vq, serve) -> serve(chain)  the loop a Python-served queue runs,
+                                    and the device's answer to one chain
+
 Queue processing runs on `QueueWorker` threads, one per queue: each sleeps
 on its queue's ioeventfd, which KVM signals when the guest kicks, so a kick
 never passes through the vCPU thread or Python's run loop.  A worker raises

@@ -33,7 +33,6 @@ from pylguest.errors import GuestError, Rule
 # --- Constants of the ring format: the kernel's include/uapi/linux/virtio_ring.h
 # and csrc/pylguest.h, through the extension, so they are the numbers C uses.
 
-LGUEST_VRING_ALIGN = lib.PYL_VRING_ALIGN
 MAX_QUEUE_SIZE = lib.PYL_MAX_QUEUE_SIZE   # 2.7: "Queue Size ... maximum is 32768"
 
 VRING_DESC_F_NEXT = lib.VRING_DESC_F_NEXT          # the buffer continues in descriptor `next`
@@ -277,16 +276,6 @@ class Virtqueue:
         writable = tuple(Buffer(bufs[i].gpa, bufs[i].len)
                          for i in range(c.nreadable, c.nreadable + c.nwritable))
         return DescriptorChain(c.head, readable, writable, c.readable_len, c.writable_len)
-
-    def before_enabling_kicks(self, callback):
-        """For the tests: call `callback()` (None: nothing) each time
-        pop_with_notify() found the ring empty, just before it turns kicks
-        back on -- the moment a racing driver's publish is hardest to see."""
-        if callback is None:
-            self.c.before_enable, self._hook = ffi.NULL, None
-            return
-        self._hook = ffi.callback("void(void *)", lambda _data: callback())
-        self.c.before_enable = self._hook
 
     # -- The used side: giving buffers back.
 
