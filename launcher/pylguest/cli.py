@@ -24,10 +24,11 @@ import re
 import sys
 import threading
 
-from pylguest.run import stop
+from pylguest.devices.options import DEVICE_OPTIONS
 from pylguest.errors import BootError, PylguestError, UsageError
 from pylguest.hostfiles import ensure_standard_fds
 from pylguest.report import say
+from pylguest.run import stop
 
 MiB = 1 << 20
 SIZE_UNITS = {"": MiB, "k": 1 << 10, "m": MiB, "g": 1 << 30}
@@ -116,35 +117,15 @@ def build_parser():
     run.add_argument("--decompress", choices=("auto", "host", "guest"), default="auto",
                      help="who unpacks a compressed bzImage payload and initrd: the guest, or the host "
                           "(auto: host when KVM emulates guest kernel mode)")
-    run.add_argument("--block", action="append", default=[], metavar="PATH[,ro][,direct]",
-                     help="a raw disk image as a virtio block device (repeatable; direct: "
-                          "O_DIRECT, past the host's page cache)")
-    run.add_argument("--net", action="append", default=[],
-                     metavar="tap:NAME[,mac=MAC]|user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...",
-                     help="a virtio network device (repeatable): on tap interface NAME, or "
-                          "user-mode networking through passt (no root, no tap; the guest "
-                          "gets its address by DHCP, the gateway's address reaches the "
-                          "host, hostfwd forwards a host port to the guest)")
-    run.add_argument("--rng", action="store_true", help="a virtio entropy device (/dev/urandom)")
-    run.add_argument("--share", action="append", default=[],
-                     metavar="HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH]",
-                     help="a host directory as a virtio-fs device served by virtiofsd "
-                          "(repeatable); pylguest's init mounts it at GUESTPATH (default "
-                          "/mnt/NAME; NAME defaults to share0, share1, ...); ro is enforced "
-                          "on the host")
-    run.add_argument("--root", metavar="DIR|IMAGE[,rw]",
-                     help="the guest's root file system: a host directory (over virtio-fs) "
-                          "or a disk image (virtio-blk); pylguest's init mounts it and runs "
-                          "the command in it. Writes go to an overlay in guest memory "
-                          "unless rw is given")
+    for option in DEVICE_OPTIONS:          # one per kind of device: devices/options.py
+        if option.metavar is None:
+            run.add_argument(f"--{option.name}", action="store_true", help=option.help)
+        else:
+            run.add_argument(f"--{option.name}", metavar=option.metavar, help=option.help,
+                             **({"action": "append", "default": []} if option.repeat else {}))
     run.add_argument("--virtiofsd", metavar="PATH",
                      help="the virtiofsd to run for --share and --root (default: Debian's "
                           "/usr/lib/qemu/virtiofsd; also $PYLGUEST_VIRTIOFSD)")
-    run.add_argument("--console", metavar="stdio|socket:PATH",
-                     help="a virtio console on the terminal or on a unix socket")
-    run.add_argument("--agent", metavar="fd:N",
-                     help="the agent channel (docs/abi.md, section 8) on inherited unix socket N; "
-                          "pylguest.Guest(agent=True) passes it")
     run.add_argument("--control", metavar="PATH|fd:N",
                      help="listen for snapshot requests on a unix socket at PATH (or on "
                           "inherited socket N); `pylguest snapshot PATH DIR` sends one")
@@ -173,8 +154,9 @@ def split_command(argv):
 
 
 # What a restored run takes from its snapshot, and so may not be given.
-FROM_SNAPSHOT = ("kernel", "initrd", "cmdline", "block", "net", "rng", "share", "root",
-                 "virtiofsd", "console")
+# (Every device's option but the agent's, whose fd is the run's own.)
+FROM_SNAPSHOT = ("kernel", "initrd", "cmdline", "virtiofsd",
+                 *(o.name for o in DEVICE_OPTIONS if o.saved != "presence"))
 
 
 def check_restore(args, command):
@@ -216,10 +198,9 @@ def command_run(args, command=None):
                            mem=parse_size(args.mem),
                            timeout=parse_timeout(args.timeout) if args.timeout is not None else None,
                            trace=args.trace, stats=args.stats, decompress=args.decompress, input_fd=0,
-                           block=args.block, net=args.net, rng=args.rng, console=args.console,
-                           command=command, agent=args.agent, share=args.share,
-                           root=args.root, virtiofsd=args.virtiofsd, restore=args.restore,
-                           disk_writes=args.disk_writes, control=args.control)
+                           command=command, virtiofsd=args.virtiofsd, restore=args.restore,
+                           disk_writes=args.disk_writes, control=args.control,
+                           **{o.name: getattr(args, o.name) for o in DEVICE_OPTIONS})
     machine = Machine(config)
     try:
         with RawTerminal(0):

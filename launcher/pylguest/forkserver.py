@@ -62,9 +62,10 @@ PR_SET_PDEATHSIG = 1        # <linux/prctl.h>
 # What a launcher imports on its way to a running restored guest: loaded
 # once in the server, shared by every child.  numpy is the devices' view
 # of guest memory (memory.py), imported on a first view otherwise.
+# (and every device module a DEVICE_OPTIONS line names: main() adds them).
 PRELOAD = ("numpy", "pylguest.cli", "pylguest.machine", "pylguest.snapshot.restore",
            "pylguest.snapshot.take", "pylguest.devices.agent_port", "pylguest.devices.block",
-           "pylguest.devices.console", "pylguest.devices.net", "pylguest.devices.rng",
+           "pylguest.devices.console", "pylguest.devices.net",
            "pylguest.hostconsole.agent_channel", "pylguest.control")
 
 
@@ -495,7 +496,9 @@ def main(argv):
     requests = socket.socket(fileno=int(argv[0][3:]))
     try:
         import importlib
-        for name in PRELOAD:
+        from pylguest.devices.options import DEVICE_OPTIONS
+        for name in PRELOAD + tuple(o.device.partition(":")[0] for o in DEVICE_OPTIONS
+                                    if o.device):
             importlib.import_module(name)
     except Exception as e:
         _send(requests, {"error": f"importing the launcher: {type(e).__name__}: {e}"})

@@ -25,16 +25,16 @@ a KVM that refuses) releases everything it had opened -- KVM, memory,
 threads, image locks -- before the error reaches the caller.
 """
 
+import collections
 import os
 import time
-from typing import NamedTuple
 
 from pylguest import layout
 from pylguest.boot import cmdline, loader
 from pylguest.boot.e820 import build_e820
 from pylguest.boot.setup import BootSetup, encode_cmdline, set_entry_state, write_boot_memory
 from pylguest.devices.console import ConsoleDevice
-from pylguest.devices.options import create_devices
+from pylguest.devices.options import DEVICE_OPTIONS, create_devices
 from pylguest.errors import UsageError
 from pylguest.hostconsole.output import ConsoleOutput
 from pylguest.hostfiles import read_user_file
@@ -62,29 +62,30 @@ EMULATING_KVM_NOTICE = (
     "needs about 15-30 s here to reach user space (under a second on hardware KVM)")
 
 
-class MachineConfig(NamedTuple):
-    """Everything `pylguest run` can be asked for."""
-    kernel: str
-    initrd: str = None
-    cmdline: str = None
-    mem: int = DEFAULT_MEM
-    timeout: float = None
-    trace: bool = False
-    stats: bool = False                # print exit counts when the run ends
-    decompress: str = "auto"           # "auto", "host" or "guest"
-    input_fd: int = None               # where console input comes from (None: none)
-    block: tuple = ()                  # "PATH[,ro][,direct]" each
-    net: tuple = ()                    # "tap:NAME[,mac=...]" each
-    rng: bool = False
-    console: str = None                # None, "stdio" or "socket:PATH"
-    command: list = None               # `-- CMD ARG...`: run by the initramfs's init
-    agent: str = None                  # "fd:N": the agent channel's socket
-    share: tuple = ()                  # "HOSTDIR[,tag=NAME][,ro][,at=PATH]" each
-    root: str = None                   # "DIR|IMAGE[,rw]": the guest's root file system
-    virtiofsd: str = None              # the virtiofsd to run (None: Debian's)
-    restore: str = None                # a snapshot directory to start from
-    disk_writes: str = "copy"          # a restore's disk writes: "copy" or "image"
-    control: str = None                # "fd:N" or a socket path: snapshot requests
+# Everything `pylguest run` can be asked for: MachineConfig's fields.  The
+# devices' fields come from devices/options.py's DEVICE_OPTIONS, one per line
+# there (console, block, net, rng, share, root, agent: each the option's value,
+# a list for a repeatable one), so a new device adds none here.
+_RUN_FIELDS = (
+    ("kernel", None),
+    ("initrd", None),
+    ("cmdline", None),
+    ("mem", DEFAULT_MEM),
+    ("timeout", None),
+    ("trace", False),
+    ("stats", False),                  # print exit counts when the run ends
+    ("decompress", "auto"),            # "auto", "host" or "guest"
+    ("input_fd", None),                # where console input comes from (None: none)
+    ("command", None),                 # `-- CMD ARG...`: run by the initramfs's init
+    ("virtiofsd", None),               # the virtiofsd to run (None: Debian's)
+    ("restore", None),                 # a snapshot directory to start from
+    ("disk_writes", "copy"),           # a restore's disk writes: "copy" or "image"
+    ("control", None),                 # "fd:N" or a socket path: snapshot requests
+)
+_FIELDS = _RUN_FIELDS + tuple((o.name, o.default()) for o in DEVICE_OPTIONS)
+MachineConfig = collections.namedtuple("MachineConfig", [name for name, _ in _FIELDS],
+                                       defaults=[default for _, default in _FIELDS[1:]])
+MachineConfig.__doc__ = "Everything `pylguest run` can be asked for (see _RUN_FIELDS)."
 
 
 CONSOLE_FD = 1                         # guest console output goes to our stdout

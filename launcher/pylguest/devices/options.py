@@ -23,16 +23,74 @@ line (init_words), saying what to mount where; docs/abi.md section 9.
 
 Every mistake here is the user's, so it is a UsageError (one line, exit 2).
 
-The block, net and rng devices' modules and the socket console's are
+Every kind of device is one line of DEVICE_OPTIONS: the command line's
+option (cli.py adds one per line), MachineConfig's field (machine.py
+makes one per line), what a snapshot keeps of it (snapshot/take.py,
+manifest.py and restore.py read the line's `saved`), and, for a device
+that needs no other device's help, how it is made (`device`: its class,
+whose from_option(name, value) builds one).  So a new device is its
+module, one line here, and the docs.  The kinds below with `device` None
+are made by create_devices itself, because they depend on each other
+(--root adds a disk or a share) or bring a backend of their own.
+
+The devices' modules (but the console's) and the socket console's are
 imported only when an option asks for one: a run without them never loads
 them (nor `socket`).
 """
 
+import importlib
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
-from pylguest.devices.console import ConsoleDevice
 from pylguest.errors import UsageError
+
+
+class DeviceOption(NamedTuple):
+    """One kind of device, as `pylguest run --NAME` asks for it."""
+    name: str                  # the option without "--"; MachineConfig's field
+    metavar: Optional[str]     # the value's form; None: a flag, given or not
+    repeat: bool               # given once per device (block0, block1, ...)
+    help: str
+    saved: Optional[str]       # in a snapshot's config: "spec" (as given), "path"
+                               # (its path made absolute), "presence" (given or
+                               # not: the value is a run's own, an fd), None (never)
+    device: Optional[str] = None   # "module:Class" made by Class.from_option(name, value)
+
+    def default(self):
+        return () if self.repeat else (False if self.metavar is None else None)
+
+    def values(self, value):
+        """The value as a list: one item per device asked for."""
+        if self.repeat:
+            return list(value)
+        return [value] if value else []
+
+
+DEVICE_OPTIONS = (
+    DeviceOption("console", "stdio|socket:PATH", False,
+                 "a virtio console on the terminal or on a unix socket", "spec"),
+    DeviceOption("block", "PATH[,ro][,direct]", True,
+                 "a raw disk image as a virtio block device (repeatable; direct: "
+                 "O_DIRECT, past the host's page cache)", "path"),
+    DeviceOption("net", "tap:NAME[,mac=MAC]|user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...", True,
+                 "a virtio network device (repeatable): on tap interface NAME, or user-mode "
+                 "networking through passt (no root, no tap; the guest gets its address by "
+                 "DHCP, the gateway's address reaches the host, hostfwd forwards a host port "
+                 "to the guest)", "spec"),
+    DeviceOption("rng", None, False, "a virtio entropy device (/dev/urandom)", "spec",
+                 "pylguest.devices.rng:RngDevice"),
+    DeviceOption("share", "HOSTDIR[,tag=NAME][,ro][,at=GUESTPATH]", True,
+                 "a host directory as a virtio-fs device served by virtiofsd (repeatable); "
+                 "pylguest's init mounts it at GUESTPATH (default /mnt/NAME; NAME defaults "
+                 "to share0, share1, ...); ro is enforced on the host", None),
+    DeviceOption("root", "DIR|IMAGE[,rw]", False,
+                 "the guest's root file system: a host directory (over virtio-fs) or a disk "
+                 "image (virtio-blk); pylguest's init mounts it and runs the command in it. "
+                 "Writes go to an overlay in guest memory unless rw is given", "path"),
+    DeviceOption("agent", "fd:N", False,
+                 "the agent channel (docs/abi.md, section 8) on inherited unix socket N; "
+                 "pylguest.Guest(agent=True) passes it", "presence"),
+)
 
 
 def parse_block(spec):
@@ -167,11 +225,24 @@ def _file_systems(config, devices, words):
             words.append(f"pylguest.root=blk:{disk_name(len(config.block))}{mode}")
 
 
+def _table_devices(option, value, devices):
+    """The devices a DEVICE_OPTIONS line with a `device` asks for,
+    appended to `devices`: rng0; or name0, name1, ... for a repeat."""
+    values = option.values(value)
+    if not values:
+        return
+    module, _, name = option.device.partition(":")
+    device_class = getattr(importlib.import_module(module), name)   # lazily: see above
+    for i, one in enumerate(values):
+        devices.append(device_class.from_option(f"{option.name}{i}", one))
+
+
 def create_devices(config, console_output):
     """The devices `config` asks for, in bus order, the socket console
     backend (or None), the agent channel (or None), and the words for
     pylguest's init.  On error, whatever was opened is closed again."""
     # The imports below are lazy: see the module docstring.
+    from pylguest.devices.console import ConsoleDevice
     devices, socket_console, agent_channel, words = [], None, None, []
     try:
         if config.console:
@@ -199,9 +270,9 @@ def create_devices(config, console_output):
             devices.append(NetDevice.user(f"net{i}", mac, backend.forwards))
             if devices[-1].cmdline_words[0] not in words:   # pylguest.net=dhcp, once
                 words.extend(devices[-1].cmdline_words)
-        if config.rng:
-            from pylguest.devices.rng import RngDevice
-            devices.append(RngDevice("rng0"))
+        for option in DEVICE_OPTIONS:
+            if option.device:
+                _table_devices(option, getattr(config, option.name), devices)
         _file_systems(config, devices, words)
         if config.agent:
             from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent

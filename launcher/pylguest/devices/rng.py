@@ -24,6 +24,11 @@ class RngDevice(VirtioDevice):
         super().__init__(name)
         self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
 
+    @classmethod
+    def from_option(cls, name, value):
+        """--rng (devices/options.py): a flag, so `value` is True."""
+        return cls(name)
+
     def process(self, index, vq):
         return self.drain(vq, self._fill)
 

@@ -227,14 +227,21 @@ def check(manifest, directory="?"):
 
 
 def _check_config(c, config):
-    c.obj(config, "config", ("block", "net", "rng", "console", "root", "agent"))
-    for key in ("block", "net"):
-        for i, spec in enumerate(c.list(config[key], f"config.{key}", MAX_DEVICES)):
-            c.text(spec, f"config.{key}[{i}]")
-    c.bool(config["rng"], "config.rng")
-    c.text(config["console"], "config.console", optional=True)
-    c.text(config["root"], "config.root", optional=True)
-    c.bool(config["agent"], "config.agent")
+    """One key per device option a snapshot keeps (devices/options.py's
+    DEVICE_OPTIONS): true or false for a flag, a list of strings for a
+    repeatable option, a string or null otherwise."""
+    from pylguest.devices.options import DEVICE_OPTIONS
+    kept = [option for option in DEVICE_OPTIONS if option.saved]
+    c.obj(config, "config", tuple(option.name for option in kept))
+    for option in kept:
+        where, value = f"config.{option.name}", config[option.name]
+        if option.saved == "presence" or option.metavar is None:
+            c.bool(value, where)
+        elif option.repeat:
+            for i, spec in enumerate(c.list(value, where, MAX_DEVICES)):
+                c.text(spec, f"{where}[{i}]")
+        else:
+            c.text(value, where, optional=True)
 
 
 def _check_uart(c, uart):

@@ -117,12 +117,19 @@ def device_config(snapshot, agent, disk_writes, copies):
         copies.append(disks.private_copy(path, snapshot.directory))
         return copies[-1] + comma + flags
 
-    root = config["root"]
-    if root is not None:
-        root = image(root)
-    return {"block": tuple(image(spec) for spec in config["block"]),
-            "net": tuple(config["net"]), "rng": config["rng"], "console": config["console"],
-            "root": root, "agent": agent}
+    from pylguest.devices.options import DEVICE_OPTIONS
+    fields = {}
+    for option in DEVICE_OPTIONS:
+        if option.saved == "presence":          # the run's own: the agent's fd
+            fields[option.name] = agent
+        elif option.saved == "path":            # a disk: maybe a private copy
+            value = config[option.name]
+            fields[option.name] = (tuple(image(spec) for spec in value) if option.repeat
+                                   else value if value is None else image(value))
+        elif option.saved:
+            value = config[option.name]
+            fields[option.name] = tuple(value) if option.repeat else value
+    return fields
 
 
 def check_memory(snapshot, regions, ram_top):

@@ -25,6 +25,7 @@ import time
 
 import pylguest
 from pylguest.devices.block import BlockDevice
+from pylguest.devices.options import DEVICE_OPTIONS
 from pylguest.kvm import state
 from pylguest.snapshot import SnapshotError, disks, manifest
 
@@ -98,11 +99,8 @@ def _save(machine, directory, trace):
         "guest": {"kernel": os.path.abspath(config.kernel), "kind": machine.kernel.kind,
                   "linux": machine.kernel.linux, "mem": config.mem,
                   "ram_top": machine.ram_top},
-        "config": {"block": [_absolute(spec) for spec in config.block],
-                   "net": list(config.net), "rng": bool(config.rng),
-                   "console": config.console,
-                   "root": _absolute(config.root) if config.root else None,
-                   "agent": bool(config.agent)},
+        "config": {option.name: _saved(option, getattr(config, option.name))
+                   for option in DEVICE_OPTIONS if option.saved},
         "memory": {"file": manifest.MEMORY, "size": machine.memory.size},
         "vcpu": vcpu, "msrs": [[index, value] for index, value in msrs.items()], "vm": vm,
         "uart": machine.uart.save_state(),
@@ -127,6 +125,18 @@ def cpuid_digest(kvm, kvm_kind):
     cpuid = guest_cpuid(kvm, kvm_kind)
     entries = ffi.buffer(cpuid.entries, cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2"))
     return hashlib.sha256(bytes(entries)).hexdigest()
+
+
+def _saved(option, value):
+    """A device option's value as the manifest's config keeps it: a
+    DEVICE_OPTIONS line's `saved` says how."""
+    if option.saved == "presence" or option.metavar is None:
+        return bool(value)
+    if option.repeat:
+        return [_absolute(v) if option.saved == "path" else v for v in value]
+    if value is not None and option.saved == "path":
+        return _absolute(value)
+    return value
 
 
 def _absolute(spec):
