@@ -31,11 +31,15 @@
 #define TSS_ADDR	0xFFFBD000
 #define IDENTITY_MAP	0xFFFBC000ULL
 
-static const unsigned char code[] = {
+/* count writes to 0x80, then one to 0x81: exit_roundtrip.py's real_mode_loop(). */
+static unsigned char code[] = {
 	0xB0, 0x41,		/* mov al, 0x41 */
+	0xB9, 0x00, 0x00,	/* mov cx, count (set in main) */
 	0xE6, 0x80,		/* l: out 0x80, al */
 	0xFE, 0xC0,		/* inc al */
-	0xEB, 0xFA,		/* jmp l */
+	0xE2, 0xFA,		/* loop l */
+	0xE6, 0x81,		/* out 0x81, al */
+	0xEB, 0xFE,		/* jmp $ */
 };
 
 /* Every call here either works or ends the program with its name. */
@@ -71,6 +75,10 @@ int main(int argc, char **argv)
 				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
 		check(-1, "mmap guest memory");
+	if (count < 1 || count >= 0xFFFF)
+		check(-1, "count (1 to 65534: the guest counts in CX)");
+	code[3] = (count + 1) & 0xFF;	/* + the untimed first exit */
+	code[4] = (count + 1) >> 8;
 	memcpy(mem + CODE_ADDR, code, sizeof(code));
 	struct kvm_userspace_memory_region region = {
 		.slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,

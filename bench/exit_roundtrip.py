@@ -11,8 +11,9 @@ launcher's run loop -> KVM -> guest. The figure is microseconds per exit.
                does when the fast path is off (--trace)
   fast path    the same real-mode loop again, each exit answered by the run
                loop's fast path (csrc/run_fast.c), as the launcher answers a
-               port nobody claims: the C row's guest, with the launcher's own
-               per-exit work; stopped after 0.3 s as a --timeout stops a run
+               port nobody claims: the C row's guest and count, with the
+               launcher's own per-exit work; the guest's last `out`, to a
+               claimed port, hands the loop back to Python
   launcher     `python -m pylguest run guests/build/portloop.elf --cmdline
                count=N`, timed against count=0, the difference divided by N;
                its run loop answers these exits in C (csrc/run_fast.c: port
@@ -47,7 +48,20 @@ PORTLOOP = os.path.join(ROOT, "guests", "build", "portloop.elf")
 REPEATS = 5
 
 # mov al, 0x41 ; l: out 0x80, al ; inc al ; jmp l   (as in tests/test_kvm.py)
-REAL_MODE_LOOP = bytes([0xB0, 0x41, 0xE6, 0x80, 0xFE, 0xC0, 0xEB, 0xFA])
+DONE_PORT = 0x81               # the loop's last write: claimed, so C hands it back
+MAX_COUNT = 0xFFFF             # the loop counts in CX
+
+
+def real_mode_loop(count):
+    """`count` writes to port 0x80 (0x41, 0x42, ...), then one to DONE_PORT:
+    the same code as bench/exit_roundtrip.c's guest."""
+    return bytes([0xB0, 0x41,                        # mov al, 0x41
+                  0xB9, count & 0xFF, count >> 8,    # mov cx, count
+                  0xE6, 0x80,                        # l: out 0x80, al
+                  0xFE, 0xC0,                        # inc al
+                  0xE2, 0xFA,                        # loop l
+                  0xE6, DONE_PORT,                   # out DONE_PORT, al
+                  0xEB, 0xFE])                       # jmp $
 
 
 def build_c():
@@ -75,7 +89,7 @@ class CountingPort:
         return 0xFF
 
 
-def real_mode_vm():
+def real_mode_vm(count):
     """The real-mode loop's VM, through pylguest's KVM layer (tests/test_kvm.py's
     RealModeVm): (what to close, the vCPU), stopped at its first exit."""
     from pylguest._native import ffi
@@ -87,7 +101,7 @@ def real_mode_vm():
     vm.create_irqchip()
     memory = GuestMemory([Region(0, 1 << 20, 0)])
     vm.set_memory_region(0, 0, 1 << 20, memory.host_address)
-    memory.write(0x1000, REAL_MODE_LOOP)
+    memory.write(0x1000, real_mode_loop(count))
     vcpu = vm.create_vcpu()
     sregs = vcpu.get_sregs()
     sregs.cs.base = 0
@@ -107,7 +121,7 @@ def python_us_per_exit(count):
     from pylguest._native import lib
     from pylguest.platform.ports import PortBus
 
-    closing, vcpu = real_mode_vm()
+    closing, vcpu = real_mode_vm(count + 1)     # + the untimed first exit
     device = CountingPort()
     ports = PortBus()
     ports.register(0x80, 1, "counter", device)
@@ -128,37 +142,30 @@ def python_us_per_exit(count):
     return elapsed / count * 1e6
 
 
-def fast_path_us_per_exit(seconds=0.3):
+def fast_path_us_per_exit(count):
     """The same real-mode loop, each exit answered by the run loop's fast
     path (csrc/run_fast.c) as the launcher answers a port nobody claims:
-    the C row's guest, with the launcher's own per-exit work.  It runs for
-    `seconds`, then a stop (immediate_exit and a signal, as a --timeout
-    does) ends it; the fast path counts the exits it answered."""
+    the C row's guest, with the launcher's own per-exit work.  DONE_PORT
+    is claimed, so its exit, after `count` answered ones, comes back."""
     from pylguest._native import lib
     from pylguest.run.fastpath import FastPath
 
-    closing, vcpu = real_mode_vm()
+    closing, vcpu = real_mode_vm(count + 1)     # + the untimed first exit
     fast = FastPath()
-    main = threading.get_ident()
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-
-    def stop():
-        vcpu.kvm_run.immediate_exit = 1
-        signal.pthread_kill(main, signal.SIGUSR1)
+    fast.claim(DONE_PORT)
     try:
-        timer = threading.Timer(seconds, stop)
         start = time.perf_counter()
-        timer.start()
         result = vcpu.run_fast(fast.table)
         elapsed = time.perf_counter() - start
-        timer.join()
+        port = vcpu.kvm_run.io.port
     finally:
-        signal.signal(signal.SIGUSR1, previous)
         for thing in closing:
             thing.close()
-    if result is not None:
-        raise RuntimeError(f"the fast path handed back exit {result}")
-    return elapsed / fast.table.answered[lib.KVM_EXIT_IO] * 1e6
+    answered = fast.table.answered[lib.KVM_EXIT_IO]
+    if result != lib.KVM_EXIT_IO or port != DONE_PORT or answered != count:
+        raise RuntimeError(f"the fast path handed back exit {result} at port {port:#x} "
+                           f"after {answered} exits, not {count}")
+    return elapsed / count * 1e6
 
 
 def launcher_seconds(count):
@@ -180,6 +187,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20000, help="port writes per run")
     args = parser.parse_args()
+    if not 1 <= args.count < MAX_COUNT:
+        parser.error(f"--count is 1 to {MAX_COUNT - 1}: the real-mode loop counts in CX")
 
     from pylguest.kvm import detect_kvm_kind
     print(f"KVM: {detect_kvm_kind()}")
@@ -190,7 +199,7 @@ def main():
     for _ in range(REPEATS):
         c.append(c_us_per_exit(args.count))
         py.append(python_us_per_exit(args.count))
-        fast.append(fast_path_us_per_exit())
+        fast.append(fast_path_us_per_exit(args.count))
         if why is None:
             try:
                 base.append(launcher_seconds(0))
