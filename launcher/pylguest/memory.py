@@ -1,4 +1,4 @@
-"""Guest physical memory: one shared mapping of a memfd, and one gate to it.
+"""Guest physical memory: one shared mapping of a memfd, and two checked ways in.
 
 The guest's RAM, the lguest device page and the vrings above it are a
 single shared mapping, registered with KVM as one or two memory slots (two
@@ -11,12 +11,15 @@ device (virtiofsd, devices/fs.py) is handed `fd` and reads and writes the
 guest's buffers itself, and the launcher never copies them.  Until a page
 is touched it costs nothing, as with anonymous memory.
 
-Every guest-physical access the launcher makes goes through `GuestMemory`,
-and every accessor (view, array, read, write, zero) checks its range the
-same way (`_offset`, lguest's check_pointer): the whole range
+Every guest-physical access the launcher makes is checked at one of two
+gates, with the same rule (lguest's check_pointer): the whole range
 [gpa, gpa+length) must lie inside one region of guest memory, with no
-wraparound, or GuestMemoryError is raised.  Checking only the first byte
-is the classic hole; we check the last one too.
+wraparound.  Checking only the first byte is the classic hole; both check
+the last one too.  Python's gate is `_offset`, behind every accessor here
+(view, array, read, write, zero), which raises GuestMemoryError.  The C
+data plane's is pyl_guest_range (csrc/virtq.c), over the region table
+`c_memory` makes from this mapping; it answers NULL, and the ring or
+request loop turns that into the rule the guest broke.
 
 A restored guest (snapshot/) maps its snapshot's memory file instead,
 privately (MAP_PRIVATE): every restore of one snapshot shares the file's
