@@ -21,7 +21,7 @@ APT_PACKAGES = gcc make libc6-dev linux-libc-dev binutils \
 	flex bison bc libelf-dev libssl-dev patch e2fsprogs liburing-dev musl-tools \
 	qemu-system-common passt
 
-.PHONY: all deps install guests hello linux linux-hello test fuzz bench debian-kernel \
+.PHONY: all deps install guests hello linux linux-hello test fuzz bench bench-deps debian-kernel \
 	debian-initramfs clean
 
 all: deps install guests hello linux linux-hello
@@ -73,7 +73,14 @@ test: install guests linux debian-initramfs
 fuzz: install guests
 	PYLGUEST_FUZZ=long $(PYTHON) -m pytest -q -m fuzz -o timeout=0 -p no:cacheprovider tests
 
-bench: install guests
+# The benchmarks' baselines: fio (block, io_uring with O_DIRECT) and QEMU
+# (hello_cost.py, snapshot_restore.py); a row whose tool is missing says n/a.
+BENCH_PACKAGES = fio qemu-system-x86
+
+bench-deps:
+	$(MAKE) deps APT_PACKAGES="$(BENCH_PACKAGES)"
+
+bench: install guests bench-deps
 	$(PYTHON) bench/exit_roundtrip.py
 	$(PYTHON) bench/hello_cost.py
 	$(PYTHON) bench/block_throughput.py

@@ -61,7 +61,8 @@ def test_every_function_in_the_header_is_defined_in_one_source():
 def test_the_header_becomes_cffi_declarations():
     text = ("#ifndef G_H\n#define G_H\n#include <stdint.h>\n"
             "#define SIZE\t(1 << 20)\t/* a comment */\n#define COUNT 8\n"
-            "struct s {\n\tuint8_t a[COUNT];\n\tuint8_t b[16];\n\tuint8_t c[65536 / 8];\n};\n#endif\n")
+            "struct s {\n\tuint8_t a[COUNT];\n\tuint8_t b[16];\n"
+            "\tuint8_t c[65536 / 8];\n};\n#endif\n")
     assert native_build.cdef_of_header(text).split() == [
         "#define", "SIZE", "...", "#define", "COUNT", "...",
         "struct", "s", "{", "uint8_t", "a[...];", "uint8_t", "b[16];", "uint8_t", "c[...];", "};"]
