@@ -6,11 +6,14 @@ The shapes: 64 KiB sequential reads, 4 KiB random reads, 64 KiB
 sequential writes, 4 KiB random writes.  Both sides issue the same
 requests (the same offsets, in the same order; random offsets come from a
 fixed seed) to the same file, into or out of as many buffers (one per
-request of a batch): plain side with os.preadv/os.pwritev, ring side through a BlockDevice, with tests/ring_builder.py's RingBuilder
-playing the guest driver (guest kernel code is emulated on some of our
-machines, far too slow to drive a disk).  The stand-in driver fills the
-ring with up to NUM // 3 requests (three descriptors each: header, data,
-status) and then calls service() once; only service() is timed: pop and
+request of a batch): plain side with os.preadv/os.pwritev, ring side
+through a BlockDevice, with tests/ring_builder.py's RingBuilder playing the
+guest driver (guest kernel code is emulated on some of our machines, far
+too slow to drive a disk).  The stand-in driver fills the ring with a
+batch of requests (three descriptors each: header, data, status; in an
+indirect table, one ring slot each, as Linux lays them out, so NUM of
+them; or with --chains direct in the ring itself, NUM // 3) and then calls
+service() once; only service() is timed: pop and
 validate the chains, parse the requests, preadv/pwritev straight into or
 out of guest memory, push, decide on an interrupt.  Filling the ring is
 not counted.
@@ -53,6 +56,8 @@ import numpy as np
 from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
+from pylguest.virtio.queue import (DESC_SIZE, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
 from ring_builder import RingBuilder
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +66,11 @@ FIO_DEPTH = 32                    # blk.c's DEPTH: requests in flight at most
 
 QUEUE_PFN = 0x10                  # ring at 64 KiB; headers, statuses, data above it
 NUM = 128                         # the block device's queue size
-BATCH = NUM // 3                  # requests per service(): 3 descriptors each
+# Requests per service(): a chain is three descriptors (header, data,
+# status); Linux's virtio_blk puts them in an indirect table when
+# VIRTIO_RING_F_INDIRECT_DESC is negotiated (it is offered), one ring slot
+# each; --chains direct spends three ring slots per request instead.
+BATCHES = {"indirect": NUM, "direct": NUM // 3}
 SEED = 9
 
 # name: (write?, KiB per request, random?)
@@ -87,18 +96,18 @@ def pattern(length):
     return ((np.arange(length, dtype=np.uint32) * 7 + 3) & 0xFF).astype(np.uint8)
 
 
-def plain(fd, write, request, offsets):
+def plain(fd, write, request, offsets, batch):
     """The same requests with os.preadv/os.pwritev, request i into buffer
-    i % BATCH: as much memory as the ring side's batch of buffers."""
-    mapping = mmap.mmap(-1, request * BATCH)      # page aligned, for O_DIRECT
-    mapping[:] = np.tile(pattern(request), BATCH).tobytes()
+    i % batch: as much memory as the ring side's batch of buffers."""
+    mapping = mmap.mmap(-1, request * batch)      # page aligned, for O_DIRECT
+    mapping[:] = np.tile(pattern(request), batch).tobytes()
     view = memoryview(mapping)
-    buffers = [view[i * request:(i + 1) * request] for i in range(BATCH)]
+    buffers = [view[i * request:(i + 1) * request] for i in range(batch)]
     call = os.pwritev if write else os.preadv
     moved = 0
     start = time.perf_counter()
     for i, offset in enumerate(offsets.tolist()):
-        moved += call(fd, [buffers[i % BATCH]], offset)
+        moved += call(fd, [buffers[i % batch]], offset)
     elapsed = time.perf_counter() - start
     del buffers
     view.release()
@@ -112,13 +121,13 @@ def build_c_baseline():
                     os.path.join(BENCH, "block_baseline.c")], check=True)
 
 
-def c_loop(path, write, request, offsets, o_direct):
+def c_loop(path, write, request, offsets, o_direct, batch):
     """The same requests from bench/block_baseline.c: (seconds, bytes)."""
     with tempfile.NamedTemporaryFile(prefix="pylguest-offsets-") as f:
         f.write(np.asarray(offsets, dtype="<u8").tobytes())
         f.flush()
         out = subprocess.run([C_BASELINE, path, "write" if write else "read", str(request),
-                              f.name, "direct" if o_direct else "cached", str(BATCH)],
+                              f.name, "direct" if o_direct else "cached", str(batch)],
                              capture_output=True, text=True, check=True, timeout=600)
     seconds, moved = out.stdout.split()
     return float(seconds), int(moved)
@@ -140,35 +149,42 @@ def fio_rate(path, shape, request, count):
     return job["write" if write else "read"]["bw_bytes"]
 
 
-def through_the_ring(path, write, request, offsets, o_direct):
+def through_the_ring(path, write, request, offsets, o_direct, chains):
+    batch_size = BATCHES[chains]
     memory = GuestMemory([Region(0, 64 << 20, 0)])
     device = BlockDevice("block0", path, direct=o_direct)     # --block PATH,direct
     device.attach(DeviceContext(memory=memory, interrupt=lambda: None, report=print))
     ring = RingBuilder(memory, NUM, QUEUE_PFN)
-    device.activate(0, [(NUM, QUEUE_PFN)])
+    indirect = chains == "indirect"
+    device.activate((1 << VIRTIO_RING_F_INDIRECT_DESC) if indirect else 0, [(NUM, QUEUE_PFN)])
     # One request's buffers per slot, reused as the ring goes round, as a
     # driver with a fixed pool would.  Data buffers page aligned (O_DIRECT),
     # the status bytes side by side so one view checks a whole batch.
-    headers = [ring.alloc(HEADER.size) for _ in range(BATCH)]
-    statuses = ring.alloc(BATCH)
-    status_view = memory.view(statuses, BATCH)
-    data_base = (ring.alloc(BATCH * request + 4096) + 4095) & ~4095
-    data = [data_base + i * request for i in range(BATCH)]
+    headers = [ring.alloc(HEADER.size) for _ in range(batch_size)]
+    statuses = ring.alloc(batch_size)
+    status_view = memory.view(statuses, batch_size)
+    data_base = (ring.alloc(batch_size * request + 4096) + 4095) & ~4095
+    data = [data_base + i * request for i in range(batch_size)]
+    tables = [ring.indirect_table(3) for _ in range(batch_size)] if indirect else None
     # The buffers are resident, as a running guest's are (its driver has
     # used them): a fresh memfd's first touch is not the device's cost.
-    memory.view(data_base, BATCH * request)[:] = np.tile(pattern(request), BATCH)
+    memory.view(data_base, batch_size * request)[:] = np.tile(pattern(request), batch_size)
     kind = VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN
     elapsed = 0.0                 # only the device's work: service()
     served = 0
     offsets = offsets.tolist()
-    for first in range(0, len(offsets), BATCH):
-        batch = offsets[first:first + BATCH]
+    for first in range(0, len(offsets), batch_size):
+        batch = offsets[first:first + batch_size]
         ring.next_free = 0
         status_view[:] = 0xFF
-        for header, buf, offset, i in zip(headers, data, batch, range(BATCH)):
+        for header, buf, offset, i in zip(headers, data, batch, range(batch_size)):
             memory.write(header, HEADER.pack(kind, 0, offset // 512))
-            ring.add_chain([(header, HEADER.size, False), (buf, request, not write),
-                            (statuses + i, 1, True)])
+            chain = [(header, HEADER.size, False), (buf, request, not write),
+                     (statuses + i, 1, True)]
+            if indirect:
+                add_indirect(ring, tables[i], chain)
+            else:
+                ring.add_chain(chain)
         start = time.perf_counter()
         device.service(0)
         elapsed += time.perf_counter() - start
@@ -180,6 +196,21 @@ def through_the_ring(path, write, request, offsets, o_direct):
     device.close()
     memory.close()
     return elapsed, moved
+
+
+def add_indirect(ring, table, chain):
+    """Publish `chain` through `table` (a (gpa, array) of 3 descriptors,
+    this slot's own, reused), as Linux's virtio_ring does with
+    VIRTIO_RING_F_INDIRECT_DESC: one ring descriptor per request."""
+    gpa, entries = table
+    for i, (addr, length, writable) in enumerate(chain):
+        more = i + 1 < len(chain)
+        entries[i] = (addr, length, (VRING_DESC_F_WRITE if writable else 0)
+                      | (VRING_DESC_F_NEXT if more else 0), i + 1 if more else 0)
+    head = ring.next_free
+    ring.next_free = (head + 1) % ring.num
+    ring.set_desc(head, gpa, len(chain) * DESC_SIZE, VRING_DESC_F_INDIRECT)
+    ring.publish(head)
 
 
 def settle(fd):
@@ -226,6 +257,9 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help="comma-separated, from: " + ", ".join(SHAPES))
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best counts")
+    parser.add_argument("--chains", choices=sorted(BATCHES), default="indirect",
+                        help="how the stand-in driver lays out a request: in an indirect "
+                             "table, as Linux does (the default), or as 3 ring descriptors")
     parser.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
                         help="where the temporary file goes (a real disk, not tmpfs)")
     args = parser.parse_args()
@@ -236,7 +270,7 @@ def main():
         flags = os.O_RDWR | (os.O_DIRECT if args.o_direct else 0)
         fd = os.open(f.name, flags)
         if not args.o_direct:
-            plain(fd, False, 64 << 10, offsets_for("seq-read", size, 0))   # warm the cache
+            plain(fd, False, 64 << 10, offsets_for("seq-read", size, 0), 1)   # warm the cache
         rows = []
         for shape in shapes:
             write, kib, _ = SHAPES[shape]
@@ -246,15 +280,17 @@ def main():
             for _ in range(args.repeat):          # alternate, so load drift hits every side
                 if write:
                     settle(fd)
-                t, moved_plain = plain(fd, write, request, offsets)
+                t, moved_plain = plain(fd, write, request, offsets, BATCHES[args.chains])
                 best_plain = min(best_plain, t)
                 if write:
                     settle(fd)
-                t, moved_c = c_loop(f.name, write, request, offsets, args.o_direct)
+                t, moved_c = c_loop(f.name, write, request, offsets, args.o_direct,
+                                    BATCHES[args.chains])
                 best_c = min(best_c, t)
                 if write:
                     settle(fd)
-                t, moved_ring = through_the_ring(f.name, write, request, offsets, args.o_direct)
+                t, moved_ring = through_the_ring(f.name, write, request, offsets, args.o_direct,
+                                                 args.chains)
                 best_ring = min(best_ring, t)
             if write:
                 os.fdatasync(fd)
@@ -278,7 +314,8 @@ def main():
     mode = "O_DIRECT (the disk)" if args.o_direct else "page cache (warm)"
     print(f"block device vs plain preadv/pwritev: {args.size_mib} MiB file in {where}, {mode}")
     print(f"load average {load}; {os.cpu_count()} CPUs; host only, no KVM involved")
-    print(f"ring: up to {BATCH} requests per service() call (queue of {NUM}); "
+    print(f"ring: up to {BATCHES[args.chains]} requests per service() call (queue of {NUM}, "
+          f"{args.chains} chains); "
           f"only service() timed; best of {args.repeat}")
     if args.o_direct:
         print(f"fio: io_uring, queue depth {FIO_DEPTH}, O_DIRECT, the same shape and count"

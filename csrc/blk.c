@@ -33,8 +33,8 @@
 
 #include "virtq.h"
 
-#define SECTOR_SIZE		512
-#define HEADER_SIZE		sizeof(struct virtio_blk_outhdr)
+#define SECTOR_SIZE		PYL_BLK_SECTOR_SIZE	/* pylguest.h: Python's too */
+#define HEADER_SIZE		PYL_BLK_HEADER_SIZE
 
 /*
  * The request types (VIRTIO_BLK_T_IN, _OUT, _FLUSH, _GET_ID) and statuses

@@ -173,7 +173,9 @@ void pyl_vring_layout(uint64_t gpa, uint32_t num,
 
 /* ==== The block request loop (blk.c) ==== */
 
-#define PYL_BLK_ID_BYTES	20
+#define PYL_BLK_SECTOR_SIZE	512		/* virtio 5.2.6: sectors are 512 bytes */
+#define PYL_BLK_HEADER_SIZE	sizeof(struct virtio_blk_outhdr)	/* type, ioprio, sector */
+#define PYL_BLK_ID_BYTES	VIRTIO_BLK_ID_BYTES	/* GET_ID's answer: 20 bytes */
 #define PYL_BLK_IO_CHUNK	(1 << 20)	/* bytes per system call at most */
 #define PYL_BLK_IOV_MAX		1024		/* buffers per call: Linux's UIO_MAXIOV */
 

@@ -35,7 +35,7 @@ from pylguest.hostfiles import BLOCK_DEVICE, REGULAR, disk_size, open_user_file
 from pylguest.virtio.device import RequestAbandoned, VirtioDevice
 
 VIRTIO_ID_BLOCK = 2
-SECTOR_SIZE = 512
+SECTOR_SIZE = lib.PYL_BLK_SECTOR_SIZE      # csrc/pylguest.h: blk.c's, too
 
 # Request types and status values (virtio spec 5.2.6): the kernel's
 # <linux/virtio_blk.h>, the same numbers blk.c uses.
@@ -53,7 +53,9 @@ VIRTIO_BLK_F_RO = 5
 VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
 
-HEADER = struct.Struct("<IIQ")      # type, ioprio, sector
+HEADER = struct.Struct("<IIQ")      # type, ioprio, sector: struct virtio_blk_outhdr
+if HEADER.size != lib.PYL_BLK_HEADER_SIZE:        # not an assert: python -O keeps it
+    raise ImportError("csrc/blk.c and devices/block.py disagree on the request header")
 QUEUE_SIZE = 128
 IO_CHUNK = lib.PYL_BLK_IO_CHUNK     # bytes per preadv/pwritev: the longest a stop waits
 IOV_MAX = lib.PYL_BLK_IOV_MAX       # buffers per preadv/pwritev call, blk.c's batches
