@@ -56,8 +56,7 @@ import numpy as np
 from pylguest.devices.block import BlockDevice, HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from pylguest.memory import GuestMemory, Region
 from pylguest.virtio.device import DeviceContext
-from pylguest.virtio.queue import (DESC_SIZE, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
-                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
+from pylguest.virtio.queue import VIRTIO_RING_F_INDIRECT_DESC
 from ring_builder import RingBuilder
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -181,8 +180,8 @@ def through_the_ring(path, write, request, offsets, o_direct, chains):
             memory.write(header, HEADER.pack(kind, 0, offset // 512))
             chain = [(header, HEADER.size, False), (buf, request, not write),
                      (statuses + i, 1, True)]
-            if indirect:
-                add_indirect(ring, tables[i], chain)
+            if indirect:                          # this slot's table, reused
+                ring.add_indirect(chain, table=tables[i])
             else:
                 ring.add_chain(chain)
         start = time.perf_counter()
@@ -196,21 +195,6 @@ def through_the_ring(path, write, request, offsets, o_direct, chains):
     device.close()
     memory.close()
     return elapsed, moved
-
-
-def add_indirect(ring, table, chain):
-    """Publish `chain` through `table` (a (gpa, array) of 3 descriptors,
-    this slot's own, reused), as Linux's virtio_ring does with
-    VIRTIO_RING_F_INDIRECT_DESC: one ring descriptor per request."""
-    gpa, entries = table
-    for i, (addr, length, writable) in enumerate(chain):
-        more = i + 1 < len(chain)
-        entries[i] = (addr, length, (VRING_DESC_F_WRITE if writable else 0)
-                      | (VRING_DESC_F_NEXT if more else 0), i + 1 if more else 0)
-    head = ring.next_free
-    ring.next_free = (head + 1) % ring.num
-    ring.set_desc(head, gpa, len(chain) * DESC_SIZE, VRING_DESC_F_INDIRECT)
-    ring.publish(head)
 
 
 def settle(fd):

@@ -109,9 +109,11 @@ class RingBuilder:
         gpa = self.alloc(count * DESC_SIZE, bytes(count * DESC_SIZE))
         return gpa, self.memory.array(gpa, DESC_DTYPE, count)
 
-    def add_indirect(self, buffers, publish=True):
-        """One ring descriptor pointing at a table holding the chain; return the head."""
-        gpa, table = self.indirect_table(len(buffers))
+    def add_indirect(self, buffers, publish=True, table=None):
+        """One ring descriptor pointing at a table holding the chain; return
+        the head.  `table`: an indirect_table() to reuse (a driver's pool),
+        at least len(buffers) long; None: a fresh one."""
+        gpa, table = table or self.indirect_table(len(buffers))
         for i, (addr, length, flags) in enumerate(self._links(buffers)):
             table[i] = (addr, length, flags, i + 1 if flags & VRING_DESC_F_NEXT else 0)
         head = self.next_free

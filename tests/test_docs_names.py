@@ -40,7 +40,8 @@ EXTERNAL = {
     "entry_SYSCALL_64", "IRQF_SHARED", "virtio_cread_bytes", "virtio_cread_le",
     "lhcall_reboot", "lhcall_shutdown", "virtio_console", "__BOOT_CS", "__BOOT_DS",
     "avx_switch", "cpu.avx", "cpu.avx2", "pivot_root", "clock_settime", "copy_file_range",
-    "gc.freeze", "drivers/lguest/lguest_device.c", "_MP_", "PT_LOAD", "p_filesz", "p_memsz", "p_paddr", "e_entry",
+    "gc.freeze", "drivers/lguest/lguest_device.c", "_MP_", "PT_LOAD", "p_filesz", "p_memsz",
+    "p_paddr", "e_entry",
 }
 
 CITED = re.compile(r"`([^`\n]+)`")

@@ -52,7 +52,8 @@ import struct
 import threading
 import time
 
-from pylguest._native import ffi, lib       # csrc/pylguest.h; the tap's constants are <linux/if_tun.h>'s
+# csrc/pylguest.h's loops; the tap's constants are <linux/if_tun.h>'s (csrc/linux.cdef).
+from pylguest._native import ffi, lib
 from pylguest.errors import GuestError, Rule, UsageError
 from pylguest.hostfiles import oserror_text
 from pylguest.virtio.device import DeviceState, RequestAbandoned, VirtioDevice

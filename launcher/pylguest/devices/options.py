@@ -272,7 +272,7 @@ def create_devices(config, console_output):
                 words.extend(devices[-1].cmdline_words)
         for option in DEVICE_OPTIONS:
             if option.device:
-                _table_devices(option, getattr(config, option.name, option.default()), devices)
+                _table_devices(option, getattr(config, option.name), devices)
         _file_systems(config, devices, words)
         if config.agent:
             from pylguest.hostconsole.agent_channel import AgentChannel, parse_agent

@@ -39,8 +39,8 @@ VRING_DESC_F_NEXT = lib.VRING_DESC_F_NEXT          # the buffer continues in des
 VRING_DESC_F_WRITE = lib.VRING_DESC_F_WRITE        # device-writable (otherwise device-readable)
 VRING_DESC_F_INDIRECT = lib.VRING_DESC_F_INDIRECT  # the buffer is a table of descriptors (2.7.5.3)
 
-VRING_USED_F_NO_NOTIFY = lib.VRING_USED_F_NO_NOTIFY          # device to driver: don't kick me (2.7.10)
-VRING_AVAIL_F_NO_INTERRUPT = lib.VRING_AVAIL_F_NO_INTERRUPT  # driver to device: don't interrupt me (2.7.7)
+VRING_USED_F_NO_NOTIFY = lib.VRING_USED_F_NO_NOTIFY          # to the driver: don't kick (2.7.10)
+VRING_AVAIL_F_NO_INTERRUPT = lib.VRING_AVAIL_F_NO_INTERRUPT  # to us: don't interrupt (2.7.7)
 
 VIRTIO_RING_F_INDIRECT_DESC = lib.VIRTIO_RING_F_INDIRECT_DESC  # feature bits, for the device code
 VIRTIO_RING_F_EVENT_IDX = lib.VIRTIO_RING_F_EVENT_IDX
